@@ -1,0 +1,1 @@
+"""Flower client side: the ClientApp, thin over `fedlora`."""

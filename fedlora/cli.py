@@ -1,0 +1,37 @@
+"""`fedlora-sim`: the Hydra entry point (configs in conf/)."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fedlora.config import FedloraError, register_schema, resolve
+
+register_schema()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
+def _main(cfg: DictConfig) -> None:
+    from fedlora.records import setup_logging
+
+    try:
+        cfg = resolve(cfg)
+        setup_logging(cfg.verbose)
+        # Partitions are computed before Ray starts, so that data too small for them stops here;
+        # the ServerApp, in this same process, reuses them.
+        from fedlora.task import federated_data
+
+        federated_data(cfg)
+        from fedlora.simulation import run_simulation
+
+        run_simulation(cfg, HydraConfig.get().runtime.output_dir)
+    except FedloraError as e:
+        print(f"fedlora-sim: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _main()

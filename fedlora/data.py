@@ -1,0 +1,231 @@
+"""Image data sets as uint8 arrays, decoded once and cached.
+
+Each data set is read from the first layout found under the data root:
+- the offline layout of `shared/data` (`fashion-mnist/*.gz` IDX files, `cifar10/{train,test}.npz` JPEG
+  archives; `cifar100/` and `svhn/` in the same layouts),
+- torchvision's layout (what `torchvision.datasets.X(root, download=True)` writes),
+and, with `data.download=true`, fetched through torchvision into the root. Decoded arrays are cached on
+disk (`data.cache_dir`) and in memory, so a process decodes a data set at most once.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from fedlora.config import FedloraError
+
+
+class DataError(FedloraError):
+    pass
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8, (N, C, H, W)
+    labels: np.ndarray  # int64, (N,)
+
+
+# Per-channel mean and std of the training images, on the 0..1 scale.
+NORMALIZATION = {
+    "fmnist": ((0.2860,), (0.3530,)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _read_maybe_gz(path: Path) -> bytes:
+    for candidate in (path, path.with_name(path.name + ".gz")):
+        if candidate.exists():
+            opener = gzip.open if candidate.suffix == ".gz" else open
+            with opener(candidate, "rb") as f:
+                return f.read()
+    raise FileNotFoundError(path)
+
+
+def _idx_dir(root: Path) -> Optional[Path]:
+    for d in (root / "fashion-mnist", root / "FashionMNIST" / "raw", root):
+        name = _FMNIST_FILES["train"][0]
+        if (d / name).exists() or (d / (name + ".gz")).exists():
+            return d
+    return None
+
+
+def _load_idx(d: Path, split: str) -> Split:
+    img_name, lbl_name = _FMNIST_FILES[split]
+    images = np.frombuffer(_read_maybe_gz(d / img_name), np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    labels = np.frombuffer(_read_maybe_gz(d / lbl_name), np.uint8, offset=8).astype(np.int64)
+    return Split(images.copy(), labels)
+
+
+def _jpeg_npz_dir(root: Path, name: str) -> Optional[Path]:
+    d = root / name
+    return d if (d / "train.npz").exists() and (d / "test.npz").exists() else None
+
+
+def _load_jpeg_npz(d: Path, split: str) -> Split:
+    from PIL import Image
+
+    z = np.load(d / f"{split}.npz")
+    data, offsets = z["data"], z["offsets"]
+    images = np.stack(
+        [np.asarray(Image.open(io.BytesIO(data[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
+         for i in range(len(offsets) - 1)]
+    )
+    return Split(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), z["labels"].astype(np.int64))
+
+
+def _torchvision(name: str, root: Path, split: str, download: bool) -> Split:
+    import torchvision.datasets as tvd
+
+    train = split == "train"
+    if name == "fmnist":
+        ds = tvd.FashionMNIST(str(root), train=train, download=download)
+        return Split(ds.data.numpy()[:, None].copy(), ds.targets.numpy().astype(np.int64))
+    if name in ("cifar10", "cifar100"):
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        ds = cls(str(root), train=train, download=download)
+        return Split(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, np.int64))
+    if name == "svhn":
+        ds = tvd.SVHN(str(root / "svhn") if (root / "svhn").is_dir() else str(root), split=split, download=download)
+        return Split(np.ascontiguousarray(ds.data), np.asarray(ds.labels, np.int64))
+    raise DataError(f"unknown dataset '{name}'")
+
+
+_TORCHVISION_MARKERS = {
+    "fmnist": ["FashionMNIST/raw/train-images-idx3-ubyte"],
+    "cifar10": ["cifar-10-batches-py/data_batch_1"],
+    "cifar100": ["cifar-100-python/train"],
+    "svhn": ["train_32x32.mat", "svhn/train_32x32.mat"],
+}
+
+_EXPECTED = {
+    "fmnist": "fashion-mnist/ with train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+              "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (or torchvision's FashionMNIST/raw/)",
+    "cifar10": "cifar10/ with train.npz and test.npz (JPEG archives) (or torchvision's cifar-10-batches-py/)",
+    "cifar100": "cifar100/ with train.npz and test.npz (JPEG archives) (or torchvision's cifar-100-python/)",
+    "svhn": "svhn/ with train_32x32.mat and test_32x32.mat (or torchvision's train_32x32.mat in the root)",
+}
+
+
+def _find_source(name: str, root: Path) -> Optional[tuple[str, Callable[[str], Split]]]:
+    """Return (a description of the files, a loader of a split) for the first layout found."""
+    if name == "fmnist" and (d := _idx_dir(root)) is not None:
+        return str(d), lambda split: _load_idx(d, split)
+    if name in ("cifar10", "cifar100", "svhn") and (d := _jpeg_npz_dir(root, name)) is not None:
+        return str(d), lambda split: _load_jpeg_npz(d, split)
+    for marker in _TORCHVISION_MARKERS[name]:
+        if (root / marker).exists():
+            return str(root / marker), lambda split: _torchvision(name, root, split, download=False)
+    return None
+
+
+def check_available(name: str, root: Optional[str], download: bool) -> None:
+    """Raise DataError, saying where the files are expected and how to get them, when the data set
+    cannot be read or fetched."""
+    how = (
+        "Set data.root=PATH (or the FEDLORA_DATA environment variable) to a folder holding "
+        f"{_EXPECTED[name]}; or add data.download=true to fetch it with torchvision (needs internet)."
+    )
+    if root is None:
+        if download:
+            raise DataError("data.download=true needs a data.root to download into. " + how)
+        raise DataError(f"no data root is set for dataset '{name}'. " + how)
+    path = Path(root)
+    if download:
+        return
+    if not path.is_dir():
+        raise DataError(f"data root {path} does not exist. " + how)
+    if _find_source(name, path) is None:
+        raise DataError(f"dataset '{name}' not found under {path}. " + how)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora"))
+
+
+def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
+    # Several Ray actors may decode the same data set at once: write aside, then rename.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+@lru_cache(maxsize=8)
+def load_split(name: str, root: str, split: str, download: bool = False, cache_dir: Optional[str] = None) -> Split:
+    """Decoded split of a data set, from memory, the disk cache, or the source files (in that order)."""
+    check_available(name, root, download)
+    path = Path(root)
+    source = _find_source(name, path)
+    if source is None:  # download=true and nothing there yet
+        _torchvision(name, path, split, download=True)
+        source = _find_source(name, path)
+        if source is None:
+            raise DataError(f"downloading '{name}' into {path} did not produce readable files")
+    where, loader = source
+    key = hashlib.sha1(os.path.abspath(where).encode()).hexdigest()[:10]
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cached = cache / f"{name}-{split}-{key}.npz"
+    if cached.exists():
+        z = np.load(cached)
+        return Split(z["images"], z["labels"])
+    data = loader(split)
+    try:
+        _save_atomic(cached, images=data.images, labels=data.labels)
+    except OSError:
+        pass  # a read-only cache only costs a second decode later
+    return data
+
+
+def subset_indices(n: int, size: Optional[int], seed: int) -> np.ndarray:
+    """Sorted seeded random subset of range(n) of the given size (all of it when size is None)."""
+    if size is None or size >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=size, replace=False))
+
+
+def load_train_test(cfg) -> tuple[Split, Split]:
+    """The training and test splits a run uses, with the config's seeded subsets applied."""
+    from fedlora.config import data_root
+
+    root = data_root(cfg)
+    cache = cfg.data.cache_dir
+    train = load_split(cfg.dataset.name, root, "train", cfg.data.download, cache)
+    test = load_split(cfg.dataset.name, root, "test", cfg.data.download, cache)
+    tr = subset_indices(len(train.labels), cfg.data.train_samples, cfg.seed)
+    te = subset_indices(len(test.labels), cfg.data.test_samples, cfg.seed + 1)
+    if len(tr) < len(train.labels):
+        train = Split(train.images[tr], train.labels[tr])
+    if len(te) < len(test.labels):
+        test = Split(test.images[te], test.labels[te])
+    return train, test
+
+
+def to_tensors(split: Split, dataset: str, indices: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float32 images and int64 labels (optionally only the given rows)."""
+    images, labels = split.images, split.labels
+    if indices is not None:
+        images, labels = images[indices], labels[indices]
+    mean, std = NORMALIZATION[dataset]
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    x.sub_(torch.tensor(mean).view(1, -1, 1, 1)).div_(torch.tensor(std).view(1, -1, 1, 1))
+    return x, torch.from_numpy(np.ascontiguousarray(labels)).long()

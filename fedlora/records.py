@@ -1,0 +1,99 @@
+"""A run's records: resolved config, per-client class histogram, one JSON line per round, a summary.
+
+Every line is flushed as it is written, and the summary is written on failure too (with its status),
+so an interrupted run keeps everything it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("fedlora")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+class RunRecorder:
+    def __init__(self, run_dir: str | Path, cfg: DictConfig):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.rounds: list[dict[str, Any]] = []
+        self.initial: dict[str, float] = {}
+        self.notes: dict[str, Any] = {}
+        self.started = time.time()
+        (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        self._metrics = open(self.dir / "metrics.jsonl", "w")
+
+    def write_partitions(self, histogram: list[list[int]]) -> None:
+        data = {"num_clients": len(histogram), "partition": OmegaConf.to_container(self.cfg.partition),
+                "seed": self.cfg.seed, "class_counts": histogram, "sizes": [sum(h) for h in histogram]}
+        (self.dir / "partitions.json").write_text(json.dumps(data))
+
+    def record_round(self, row: dict[str, Any]) -> None:
+        self.rounds.append(row)
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        log.info(
+            "round %d/%d | acc %.4f | loss %.4f | train loss %.4f | clients %d | up %s | down %s | total up %s | %.1f s",
+            row["round"], self.cfg.num_rounds, row["test_accuracy"], row["test_loss"], row["train_loss"],
+            row["num_clients"], human_bytes(row["bytes_up"]), human_bytes(row["bytes_down"]),
+            human_bytes(row["cum_bytes_up"]), row["round_seconds"],
+        )
+
+    def summary(self, status: str, error: str | None = None) -> dict[str, Any]:
+        finite = [r for r in self.rounds if math.isfinite(r["test_accuracy"])]
+        best = max(finite, key=lambda r: r["test_accuracy"], default={})
+        last = self.rounds[-1] if self.rounds else {}
+        data = {
+            "status": status,
+            "method": self.cfg.method.name,
+            "dataset": self.cfg.dataset.name,
+            "model": self.cfg.model.name,
+            "seed": self.cfg.seed,
+            "rounds_completed": len(self.rounds),
+            "rounds_planned": self.cfg.num_rounds,
+            "initial_accuracy": self.initial.get("test_accuracy"),
+            "final_accuracy": last.get("test_accuracy"),
+            "best_accuracy": best.get("test_accuracy"),
+            "best_round": best.get("round"),
+            "total_bytes_up": last.get("cum_bytes_up", 0),
+            "total_bytes_down": last.get("cum_bytes_down", 0),
+            "total_seconds": round(time.time() - self.started, 3),
+            **self.notes,
+        }
+        if error:
+            data["error"] = error
+        return data
+
+    def close(self, status: str, error: str | None = None) -> dict[str, Any]:
+        self._metrics.close()
+        data = self.summary(status, error)
+        (self.dir / "summary.json").write_text(json.dumps(data, indent=1))
+        return data
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """fedlora's round lines on stdout; Flower's own INFO logs only when verbose."""
+    import sys
+
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s fedlora | %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO)
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)

@@ -1,0 +1,68 @@
+"""Launch a run as a Flower simulation: the fedlora ServerApp and ClientApp on Ray virtual clients."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from fedlora.config import to_json
+
+# Offline by default: no telemetry, no update check, no installing of app dependencies at run time.
+# Exported values win.
+FLOWER_OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+def backend_config(cfg: DictConfig) -> dict:
+    import torch
+
+    sim = cfg.simulation
+    num_gpus = sim.client_resources.num_gpus
+    if num_gpus == "auto":
+        # Five clients share a GPU when there is one; none is asked for otherwise.
+        num_gpus = 0.2 if torch.cuda.is_available() else 0.0
+    init_args: dict = {"logging_level": "DEBUG" if cfg.verbose else "ERROR", "log_to_driver": bool(cfg.verbose)}
+    if sim.ray_address:
+        init_args["address"] = sim.ray_address
+    elif sim.ray_num_cpus:
+        init_args["num_cpus"] = int(sim.ray_num_cpus)
+    return {
+        "client_resources": {"num_cpus": float(sim.client_resources.num_cpus), "num_gpus": float(num_gpus)},
+        "init_args": init_args,
+    }
+
+
+def run_simulation(cfg: DictConfig, run_dir: str | Path) -> None:
+    """Run the config's federation with Ray virtual clients, writing the records into run_dir."""
+    for key, value in FLOWER_OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    # Ray's notice about a future change of its GPU masking: fedlora relies on today's behaviour
+    # (a client given no GPU sees none), which the notice does not change for now.
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
+    from flwr.app import Context, RecordDict
+    # Flower 1.41's public run_simulation() takes no run config; this private entry point, which it
+    # wraps, takes the ServerApp's Context, so the config reaches the ServerApp as under `flwr run`.
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from clients.client_app import app as client_app
+    from strategies.server_app import app as server_app
+
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"fedlora-config": to_json(cfg), "run-dir": str(Path(run_dir).resolve())})
+    _run_simulation(
+        num_supernodes=cfg.num_clients,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_name=cfg.simulation.backend,
+        backend_config=backend_config(cfg),
+        server_app_context=context,
+        verbose_logging=bool(cfg.verbose),
+    )

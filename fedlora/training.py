@@ -1,0 +1,58 @@
+"""Local training and evaluation, deterministic for a given seed on CPU."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def batch_order(n: int, batch_size: int, epochs: int, seed: int) -> list[torch.Tensor]:
+    """The mini-batches of row indices of `epochs` passes over n rows, each pass a fresh permutation
+    drawn from `seed`. The last batch of a pass may be short."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        batches += list(perm.split(batch_size))
+    return batches
+
+
+def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, local, seed: int,
+                device: torch.device | None = None) -> float:
+    """Plain SGD over (x, y) as the `local` config says; returns the mean training loss."""
+    device = device or pick_device()
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=local.lr, momentum=local.momentum, weight_decay=local.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    total, count = 0.0, 0
+    for idx in batch_order(len(y), local.batch_size, local.epochs, seed):
+        xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+        count += len(idx)
+    # A diverged run returns a non-finite loss and weights; the server's reply validation rejects them.
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+             device: torch.device | None = None) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of the model on (x, y)."""
+    device = device or pick_device()
+    model.to(device).eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+        out = model(xb)
+        loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
+        correct += (out.argmax(1) == yb).sum().item()
+    n = max(len(y), 1)
+    return correct / n, loss_sum / n

@@ -1,0 +1,57 @@
+"""Test session setup: offline Flower, the shared data root, and one Ray head for the whole session
+(Flower shuts Ray down after each simulation; joining a running head costs a second, a fresh
+ray.init about eight)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.update({
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_DISABLE_USAGE_STATS": "1",
+})
+os.environ.setdefault("FEDLORA_DATA", str(ROOT.parent / "shared" / "data"))
+
+
+def pytest_sessionstart(session):
+    data = Path(os.environ["FEDLORA_DATA"])
+    if not (data / "fashion-mnist").is_dir():
+        pytest.exit(f"the tests read real data: set FEDLORA_DATA to the shared data folder (tried {data})", 2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["FEDLORA_CACHE"] = str(path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_address(cache_dir):
+    """Address of a Ray head started for this test session, stopped at its end."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    port = _free_port()
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, timeout=120, env=os.environ.copy())
+    yield f"127.0.0.1:{port}"
+    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+
+
+SMALL = ["num_clients=4", "clients_per_round=2", "num_rounds=2", "data.train_samples=1200",
+         "data.test_samples=500", "local.batch_size=32"]

@@ -1,0 +1,92 @@
+"""Config validation: every user mistake ends in a short message naming the valid choices."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedlora.config import ConfigError, FedloraError, compose, resolve
+
+CLI = str(Path(sys.executable).with_name("fedlora-sim"))
+
+
+def resolved(*overrides):
+    return resolve(compose(list(overrides)))
+
+
+def test_default_config_is_the_issue_default():
+    cfg = resolved()
+    assert (cfg.dataset.name, cfg.model.name, cfg.method.name) == ("fmnist", "fmnist_cnn", "fedavg")
+    assert (cfg.num_clients, cfg.clients_per_round, cfg.partition.name, cfg.partition.alpha) == (20, 5, "dirichlet", 0.3)
+
+
+def test_model_defaults_to_the_papers_model_for_the_dataset(tmp_path):
+    assert resolved("dataset=cifar10").model.name == "vgg_cifar"
+    # no CIFAR-100 or SVHN files here: download=true defers the check to the download
+    later = ["data.download=true", f"data.root={tmp_path}"]
+    assert resolved("dataset=cifar100", *later).model.name == "vgg_cifar"
+    assert resolved("dataset=svhn", *later).model.name == "svhn_cnn"
+    assert resolved("dataset=cifar10", "model=resnet18").model.name == "resnet18"
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["dataset.name=mnist"], ["unknown dataset 'mnist'", "cifar10", "fmnist"]),
+    (["model.name=vit"], ["unknown model 'vit'", "resnet18", "vgg_cifar"]),
+    (["method.name=fedfoo"], ["unknown method 'fedfoo'", "fedavg"]),
+    (["partition.name=shards"], ["unknown partition 'shards'", "dirichlet", "label_count"]),
+    (["partition.alpha=0"], ["partition.alpha must be > 0"]),
+    (["partition.alpha=-1"], ["partition.alpha must be > 0"]),
+    (["partition=label_count", "partition.classes_per_client=11"], ["classes_per_client", "between 1 and 10"]),
+    (["clients_per_round=21"], ["clients_per_round must be between 1 and num_clients=20"]),
+    (["num_rounds=0"], ["num_rounds must be >= 1"]),
+    (["local.lr=0"], ["local.lr must be > 0"]),
+    (["model=vgg_cifar"], ["takes (3, 32, 32) inputs", "'fmnist'"]),
+    (["data.train_samples=10"], ["fewer than num_clients=20"]),
+])
+def test_bad_values_are_named(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        resolved(*overrides)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_group_option_names_the_choices():
+    with pytest.raises(ConfigError) as e:
+        compose(["dataset=mnist"])
+    assert "fmnist" in str(e.value) and "cifar10" in str(e.value)
+
+
+def test_unknown_key_and_wrong_type_are_rejected():
+    with pytest.raises(ConfigError, match="local.nonsense"):
+        compose(["local.nonsense=1"])
+    with pytest.raises(ConfigError, match="local.epochs=abc.*could not be converted to Integer"):
+        compose(["local.epochs=abc"])
+
+
+def test_missing_data_root_says_where_and_how(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDLORA_DATA")
+    with pytest.raises(FedloraError, match="no data root is set"):
+        resolved()
+    with pytest.raises(FedloraError) as e:
+        resolved(f"data.root={tmp_path}")
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "train-images-idx3-ubyte.gz" in msg and "data.download=true" in msg
+    with pytest.raises(FedloraError, match="does not exist"):
+        resolved(f"data.root={tmp_path}/nowhere")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["dataset=mnist"], ["fmnist", "cifar10"]),
+    (["partition.alpha=0"], ["partition.alpha must be > 0"]),
+    (["clients_per_round=50"], ["clients_per_round must be between 1 and num_clients=20"]),
+    (["data.root=/nonexistent/data"], ["/nonexistent/data", "FEDLORA_DATA"]),
+])
+def test_cli_mistakes_exit_without_traceback(args, words):
+    proc = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for w in words:
+        assert w in proc.stderr
+    assert "ray" not in proc.stdout.lower()  # stopped before Ray started

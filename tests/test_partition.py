@@ -1,0 +1,71 @@
+"""Partition statistics on the real Fashion-MNIST labels."""
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from fedlora.config import ConfigError
+from fedlora.data import load_split
+from fedlora.partition import class_histogram, partition_indices
+import os
+
+
+@pytest.fixture(scope="module")
+def labels():
+    return load_split("fmnist", os.environ["FEDLORA_DATA"], "train").labels
+
+
+def pcfg(**kw):
+    base = {"name": "dirichlet", "alpha": 0.3, "min_partition_size": 10, "classes_per_client": 3}
+    return OmegaConf.create({**base, **kw})
+
+
+def skew(labels, parts):
+    """Mean total-variation distance between each client's label distribution and the global one."""
+    hist = np.array(class_histogram(labels, parts, 10), float)
+    local = hist / hist.sum(1, keepdims=True)
+    glob = np.bincount(labels, minlength=10) / len(labels)
+    return 0.5 * np.abs(local - glob).sum(1).mean()
+
+
+def check_disjoint_cover(parts, n):
+    joined = np.concatenate(parts)
+    assert len(joined) == len(np.unique(joined))
+    return joined
+
+
+def test_iid_is_balanced_and_unskewed(labels):
+    parts = partition_indices(labels, 20, pcfg(name="iid"), seed=0)
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == len(labels)
+    check_disjoint_cover(parts, len(labels))
+    assert skew(labels, parts) < 0.05
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks(labels):
+    s = {a: skew(labels, partition_indices(labels, 20, pcfg(alpha=a), seed=0)) for a in (0.1, 0.3, 100.0)}
+    assert s[0.1] > s[0.3] > 0.3 > 0.1 > s[100.0]
+
+
+def test_dirichlet_respects_min_size_and_is_seeded(labels):
+    parts = partition_indices(labels, 100, pcfg(alpha=0.3, min_partition_size=50), seed=1)
+    assert min(len(p) for p in parts) >= 50
+    joined = check_disjoint_cover(parts, len(labels))
+    assert len(joined) == len(labels)
+    again = partition_indices(labels, 100, pcfg(alpha=0.3, min_partition_size=50), seed=1)
+    other = partition_indices(labels, 100, pcfg(alpha=0.3, min_partition_size=50), seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_label_count_gives_exactly_k_classes(labels, k):
+    parts = partition_indices(labels, 30, pcfg(name="label_count", classes_per_client=k), seed=0)
+    hist = np.array(class_histogram(labels, parts, 10))
+    assert ((hist > 0).sum(1) == k).all()
+    check_disjoint_cover(parts, len(labels))
+
+
+def test_too_many_clients_for_the_data_is_a_config_error(labels):
+    with pytest.raises(ConfigError, match="cannot partition|without data"):
+        partition_indices(labels[:50], 20, pcfg(alpha=0.1, min_partition_size=10), seed=0)

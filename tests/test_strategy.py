@@ -1,0 +1,157 @@
+"""FedAvg's server side on real Flower messages: the byte ledger, reply validation, aggregation."""
+
+import io
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlora.config import compose, from_json, resolve
+from fedlora.ledger import Ledger
+from fedlora.task import initial_model, model_to_arrays
+from strategies import FedAvgStrategy
+from strategies.validation import ReplyRejected, array_spec, parse_train_reply
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    # What a ServerApp process has set before it builds messages.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return resolve(compose(["num_clients=6", "clients_per_round=3"]))
+
+
+@pytest.fixture
+def strategy(cfg):
+    return FedAvgStrategy(cfg, {pid: 100 + pid for pid in range(cfg.num_clients)}, Ledger())
+
+
+@pytest.fixture(scope="module")
+def arrays(cfg):
+    return model_to_arrays(initial_model(cfg))
+
+
+def npy_size(a: np.ndarray) -> int:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return len(buf.getvalue())
+
+
+def reply_to(msg, arrays: dict, n=100, loss=0.5):
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": n, "train_loss": loss})})
+    return Message(content, reply_to=msg)
+
+
+def test_ledger_counts_the_bytes_of_the_arrays_sent(strategy, arrays, cfg):
+    model = initial_model(cfg)
+    tensors = [v for v in model.state_dict().values() if v.is_floating_point()]
+    per_client = sum(npy_size(t.numpy()) for t in tensors)
+    # float32 payload plus numpy's 128-byte header per array
+    assert per_client == sum(t.numel() * 4 + 128 for t in tensors)
+    messages = list(strategy.configure_train(1, arrays, None, None))
+    assert len(messages) == cfg.clients_per_round
+    assert strategy.ledger.down == strategy.ledger.total_down == cfg.clients_per_round * per_client
+    replies = [reply_to(m, {k: a.numpy() for k, a in arrays.items()}) for m in messages]
+    strategy.aggregate_train(1, replies)
+    assert strategy.ledger.up == cfg.clients_per_round * per_client
+
+
+def test_each_client_gets_its_own_content(strategy, arrays):
+    messages = list(strategy.configure_train(1, arrays, None, None))
+    contents = [m.content for m in messages]
+    assert len({id(c) for c in contents}) == len(contents)
+    assert len({id(c["config"]) for c in contents}) == len(contents)
+    assert sorted(c["config"]["partition-id"] for c in contents) == strategy.sample(1)
+    assert len({c["config"]["seed"] for c in contents}) == len(contents)
+    assert from_json(contents[0]["config"]["fedlora.config"]).num_clients == 6
+    assert [m.metadata.dst_node_id for m in messages] == [100 + pid for pid in strategy.sample(1)]
+
+
+def test_sampling_is_seeded_by_run_seed_and_round(strategy, cfg):
+    assert strategy.sample(3) == strategy.sample(3)
+    assert len({tuple(strategy.sample(r)) for r in range(1, 20)}) > 1
+    other = FedAvgStrategy(resolve(compose(["num_clients=6", "clients_per_round=3", "seed=5"])),
+                           strategy.node_of_partition, Ledger())
+    assert [other.sample(r) for r in range(1, 10)] != [strategy.sample(r) for r in range(1, 10)]
+
+
+def test_aggregate_is_the_example_weighted_mean_in_any_reply_order(strategy, arrays):
+    messages = list(strategy.configure_train(1, arrays, None, None))
+    rng = np.random.default_rng(0)
+    spec = array_spec(arrays)
+    locals_ = [{k: rng.standard_normal(s).astype(d) for k, (s, d) in spec.items()} for _ in messages]
+    sizes = [10, 30, 60]
+    replies = [reply_to(m, a, n) for m, a, n in zip(messages, locals_, sizes)]
+    agg, metrics = strategy.aggregate_train(1, replies)
+    key = "classifier.weight"
+    expected = sum(a[key].astype(np.float64) * n for a, n in zip(locals_, sizes)) / sum(sizes)
+    np.testing.assert_allclose(agg[key].numpy(), expected, rtol=1e-6)
+    assert metrics["num-examples"] == 100
+    strategy.configure_train(1, arrays, None, None)
+    agg2, _ = strategy.aggregate_train(1, list(reversed(replies)))
+    assert all(np.array_equal(agg[k].numpy(), agg2[k].numpy()) for k in spec)
+
+
+def corrupt(kind, arrays):
+    a = {k: v.numpy().copy() for k, v in arrays.items()}
+    if kind == "missing":
+        a.pop("classifier.bias")
+    elif kind == "extra":
+        a["evil"] = np.zeros(3, np.float32)
+    elif kind == "shape":
+        a["classifier.bias"] = np.zeros(11, np.float32)
+    elif kind == "dtype":
+        a["classifier.bias"] = a["classifier.bias"].astype(np.float64)
+    elif kind == "nan":
+        a["classifier.weight"][0, 0] = np.nan
+    elif kind == "inf":
+        a["features.0.weight"][0, 0, 0, 0] = np.inf
+    return a
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("missing", "missing arrays"), ("extra", "unexpected arrays"), ("shape", r"is \(11,\) float32, expected \(10,\)"),
+    ("dtype", "float64"), ("nan", "non-finite"), ("inf", "non-finite")])
+def test_bad_replies_are_rejected_with_a_reason(kind, reason, arrays):
+    bad = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in corrupt(kind, arrays).items()}),
+                      "metrics": MetricRecord({"num-examples": 5, "train_loss": 0.1})})
+    with pytest.raises(ReplyRejected, match=reason):
+        parse_train_reply(bad, array_spec(arrays))
+
+
+@pytest.mark.parametrize("metrics, reason", [
+    (None, "no MetricRecord"), ({"train_loss": 0.1}, "num-examples"), ({"num-examples": 0, "train_loss": 0.1}, "num-examples"),
+    ({"num-examples": 5, "train_loss": float("nan")}, "train_loss")])
+def test_bad_metrics_are_rejected(metrics, reason, arrays):
+    content = RecordDict({"arrays": ArrayRecord(dict(arrays.items()))})
+    if metrics is not None:
+        content["metrics"] = MetricRecord(metrics)
+    with pytest.raises(ReplyRejected, match=reason):
+        parse_train_reply(content, array_spec(arrays))
+
+
+def test_rejected_replies_stay_out_of_the_aggregate(strategy, arrays, caplog):
+    messages = list(strategy.configure_train(1, arrays, None, None))
+    good = {k: np.full(a.shape, 1.0, a.dtype) for k, a in ((k, v.numpy()) for k, v in arrays.items())}
+    replies = [reply_to(messages[0], good, 10),
+               reply_to(messages[1], corrupt("nan", arrays), 1000),
+               Message(Error(code=0, reason="client crashed"), reply_to=messages[2])]
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        agg, metrics = strategy.aggregate_train(1, replies)
+    assert all(np.all(agg[k].numpy() == 1.0) for k in good)
+    assert metrics["num-examples"] == 10
+    assert strategy.round_stats[1]["num_clients"] == 1 and strategy.round_stats[1]["rejected"] == 2
+    text = caplog.text
+    assert "non-finite" in text and "client crashed" in text
+
+
+def test_no_valid_reply_keeps_the_model(strategy, arrays):
+    messages = list(strategy.configure_train(1, arrays, None, None))
+    agg, metrics = strategy.aggregate_train(1, [reply_to(messages[0], corrupt("missing", arrays))])
+    assert agg is None and metrics is None
