@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fedlora.config import FedloraError, register_schema, resolve
+from fedlora.config import FedloraError, RunInterrupted, register_schema, resolve
 
 register_schema()
 
@@ -27,7 +27,11 @@ def _main(cfg: DictConfig) -> None:
         federated_data(cfg)
         from fedlora.simulation import run_simulation
 
-        run_simulation(cfg, HydraConfig.get().runtime.output_dir)
+        run_dir = HydraConfig.get().runtime.output_dir
+        run_simulation(cfg, run_dir)
+    except RunInterrupted:
+        print(f"fedlora-sim: interrupted; the rounds completed so far are in {run_dir}", file=sys.stderr)
+        sys.exit(130)
     except FedloraError as e:
         print(f"fedlora-sim: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -23,6 +23,10 @@ class ConfigError(FedloraError):
     pass
 
 
+class RunInterrupted(FedloraError):
+    """The user stopped a run; its records hold the rounds completed so far."""
+
+
 @dataclass
 class DatasetConfig:
     name: str = "fmnist"

@@ -124,15 +124,15 @@ _EXPECTED = {
 }
 
 
-def _find_source(name: str, root: Path) -> Optional[tuple[str, Callable[[str], Split]]]:
-    """Return (a description of the files, a loader of a split) for the first layout found."""
+def _find_source(name: str, root: Path, download: bool = False) -> Optional[tuple[str, Callable[[str], Split]]]:
+    """(the files' location, a loader of a split) for the first layout found, or None. With download,
+    torchvision's layout is used and fetched split by split as needed."""
     if name == "fmnist" and (d := _idx_dir(root)) is not None:
         return str(d), lambda split: _load_idx(d, split)
     if name in ("cifar10", "cifar100", "svhn") and (d := _jpeg_npz_dir(root, name)) is not None:
         return str(d), lambda split: _load_jpeg_npz(d, split)
-    for marker in _TORCHVISION_MARKERS[name]:
-        if (root / marker).exists():
-            return str(root / marker), lambda split: _torchvision(name, root, split, download=False)
+    if download or any((root / m).exists() for m in _TORCHVISION_MARKERS[name]):
+        return str(root), lambda split: _torchvision(name, root, split, download=download)
     return None
 
 
@@ -173,21 +173,20 @@ def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
 def load_split(name: str, root: str, split: str, download: bool = False, cache_dir: Optional[str] = None) -> Split:
     """Decoded split of a data set, from memory, the disk cache, or the source files (in that order)."""
     check_available(name, root, download)
-    path = Path(root)
-    source = _find_source(name, path)
-    if source is None:  # download=true and nothing there yet
-        _torchvision(name, path, split, download=True)
-        source = _find_source(name, path)
-        if source is None:
-            raise DataError(f"downloading '{name}' into {path} did not produce readable files")
-    where, loader = source
-    key = hashlib.sha1(os.path.abspath(where).encode()).hexdigest()[:10]
+    where, loader = _find_source(name, Path(root), download)
+    # The location and its modification time name the cache entry: new files there give a new entry.
+    stamp = os.stat(where).st_mtime_ns if os.path.exists(where) else 0
+    key = hashlib.sha1(f"{os.path.abspath(where)}:{stamp}".encode()).hexdigest()[:10]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cached = cache / f"{name}-{split}-{key}.npz"
     if cached.exists():
         z = np.load(cached)
         return Split(z["images"], z["labels"])
-    data = loader(split)
+    try:
+        data = loader(split)
+    except (OSError, RuntimeError, ValueError) as e:
+        action = "download" if download else "read"
+        raise DataError(f"could not {action} the {split} split of '{name}' under {root}: {e}") from e
     try:
         _save_atomic(cached, images=data.images, labels=data.labels)
     except OSError:

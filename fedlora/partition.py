@@ -37,7 +37,9 @@ def partition_indices(labels: np.ndarray, num_clients: int, pcfg, seed: int) -> 
             num_partitions=num_clients,
             partition_by="label",
             num_classes_per_partition=int(pcfg.classes_per_client),
-            class_assignment_mode="random",
+            # client i's first class is i mod the class count, so every class is used when there
+            # are at least as many clients as classes; the other k-1 are drawn at random
+            class_assignment_mode="first-deterministic",
             shuffle=True,
             seed=seed,
         )

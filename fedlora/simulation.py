@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import warnings
 from pathlib import Path
 
@@ -53,16 +55,32 @@ def run_simulation(cfg: DictConfig, run_dir: str | Path) -> None:
 
     from clients.client_app import app as client_app
     from strategies.server_app import app as server_app
+    from strategies.server_app import stop_requested
 
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                       run_config={"fedlora-config": to_json(cfg), "run-dir": str(Path(run_dir).resolve())})
-    _run_simulation(
-        num_supernodes=cfg.num_clients,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
-        backend_name=cfg.simulation.backend,
-        backend_config=backend_config(cfg),
-        server_app_context=context,
-        verbose_logging=bool(cfg.verbose),
-    )
+    stop_requested.clear()
+    # Flower waits for the ServerApp thread before it lets a KeyboardInterrupt through, so a first
+    # Ctrl-C asks the ServerApp to stop after closing its records; a second one interrupts at once.
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        def on_sigint(signum, frame):
+            print("\nstopping after closing the records (Ctrl-C again to kill)", flush=True)
+            stop_requested.set()
+            signal.signal(signal.SIGINT, restore)
+
+        restore = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        _run_simulation(
+            num_supernodes=cfg.num_clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_name=cfg.simulation.backend,
+            backend_config=backend_config(cfg),
+            server_app_context=context,
+            verbose_logging=bool(cfg.verbose),
+        )
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGINT, restore)

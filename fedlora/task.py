@@ -3,6 +3,7 @@ and the conversion between a model and the arrays that travel."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import lru_cache
 
@@ -20,7 +21,8 @@ from fedlora.partition import partition_indices
 def derive_seed(*parts: int | str) -> int:
     """A 31-bit seed derived from the run seed and labels such as the round and the client, the same
     in every process (unlike Python's hash of a string)."""
-    words = [p if isinstance(p, int) else int.from_bytes(p.encode()[:8].ljust(8, b"\0"), "little") for p in parts]
+    words = [p if isinstance(p, int) else int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little")
+             for p in parts]
     return int(np.random.SeedSequence(words).generate_state(1)[0] & 0x7FFFFFFF)
 
 

@@ -8,6 +8,7 @@ optionally `run-dir`, where the records go.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from fedlora.config import FedloraError, compose, from_json, resolve
+from fedlora.config import FedloraError, RunInterrupted, compose, from_json, resolve
 from fedlora.ledger import Ledger
 from fedlora.partition import class_histogram
 from fedlora.records import RunRecorder, setup_logging
@@ -26,6 +27,35 @@ from strategies import STRATEGIES
 log = logging.getLogger("fedlora")
 
 app = ServerApp()
+
+# Set by a launcher that runs this ServerApp in a thread (the simulation), where Ctrl-C cannot reach it.
+stop_requested = threading.Event()
+
+
+class StoppableGrid:
+    """A Grid whose send_and_receive gives up as soon as `stop_requested` is set, instead of waiting
+    out the round timeout for replies that will never come."""
+
+    def __init__(self, grid: Grid, poll_seconds: float = 0.1):
+        self._grid = grid
+        self._poll = poll_seconds
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        waiting = set(self._grid.push_messages(messages))
+        deadline = time.time() + timeout if timeout is not None else float("inf")
+        replies: list[Message] = []
+        while waiting and time.time() < deadline:
+            if stop_requested.is_set():
+                raise RunInterrupted("stopped by the user")
+            got = list(self._grid.pull_messages(waiting))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if waiting:
+                time.sleep(self._poll)
+        return replies
 
 
 def config_from_run_config(run_config) -> DictConfig:
@@ -100,9 +130,9 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(context.run_config.get("run-dir") or f"outputs/run-{time.strftime('%Y%m%d-%H%M%S')}"))
     recorder = RunRecorder(run_dir, cfg)
     try:
-        run(grid, cfg, recorder)
+        run(StoppableGrid(grid), cfg, recorder)
     except BaseException as e:
-        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        status = "interrupted" if isinstance(e, (KeyboardInterrupt, RunInterrupted)) else "failed"
         recorder.close(status, f"{type(e).__name__}: {e}")
         raise
     summary = recorder.close("completed")

@@ -90,3 +90,12 @@ def test_cli_mistakes_exit_without_traceback(args, words):
     for w in words:
         assert w in proc.stderr
     assert "ray" not in proc.stdout.lower()  # stopped before Ray started
+
+
+def test_server_app_reads_the_same_config_from_json_or_overrides():
+    from fedlora.config import to_json
+    from strategies.server_app import config_from_run_config
+
+    cfg = resolved("num_clients=7", "partition=iid")
+    assert config_from_run_config({"fedlora-config": to_json(cfg)}) == cfg
+    assert config_from_run_config({"overrides": "num_clients=7 partition=iid"}) == cfg

@@ -1,5 +1,7 @@
 """Partition statistics on the real Fashion-MNIST labels."""
 
+import os
+
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -7,7 +9,6 @@ from omegaconf import OmegaConf
 from fedlora.config import ConfigError
 from fedlora.data import load_split
 from fedlora.partition import class_histogram, partition_indices
-import os
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,7 @@ def test_dirichlet_skew_grows_as_alpha_shrinks(labels):
     assert s[0.1] > s[0.3] > 0.3 > 0.1 > s[100.0]
 
 
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")
 def test_dirichlet_respects_min_size_and_is_seeded(labels):
     parts = partition_indices(labels, 100, pcfg(alpha=0.3, min_partition_size=50), seed=1)
     assert min(len(p) for p in parts) >= 50
@@ -63,9 +65,11 @@ def test_label_count_gives_exactly_k_classes(labels, k):
     parts = partition_indices(labels, 30, pcfg(name="label_count", classes_per_client=k), seed=0)
     hist = np.array(class_histogram(labels, parts, 10))
     assert ((hist > 0).sum(1) == k).all()
-    check_disjoint_cover(parts, len(labels))
+    joined = check_disjoint_cover(parts, len(labels))
+    assert len(joined) == len(labels)  # every class is used, no sample left out
 
 
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")
 def test_too_many_clients_for_the_data_is_a_config_error(labels):
     with pytest.raises(ConfigError, match="cannot partition|without data"):
         partition_indices(labels[:50], 20, pcfg(alpha=0.1, min_partition_size=10), seed=0)

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,24 @@ def test_diverging_clients_are_rejected_and_the_model_kept(ray_address, tmp_path
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert row["test_accuracy"] == summary["initial_accuracy"]  # global model unchanged
+
+
+def test_ctrl_c_keeps_the_completed_rounds(ray_address, tmp_path):
+    proc = subprocess.Popen([CLI, *SMALL, "num_rounds=50", f"simulation.ray_address={ray_address}",
+                             f"hydra.run.dir={tmp_path}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=os.environ.copy())
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    done = rows(tmp_path)
+    assert summary["status"] == "interrupted" and 1 <= summary["rounds_completed"] == len(done) < 50
+    assert summary["total_bytes_up"] == done[-1]["cum_bytes_up"]

@@ -155,3 +155,12 @@ def test_no_valid_reply_keeps_the_model(strategy, arrays):
     messages = list(strategy.configure_train(1, arrays, None, None))
     agg, metrics = strategy.aggregate_train(1, [reply_to(messages[0], corrupt("missing", arrays))])
     assert agg is None and metrics is None
+
+
+def test_derived_seeds_differ_by_every_part():
+    from fedlora.task import derive_seed
+
+    seeds = {derive_seed(0, "frozen-factor-a", 1), derive_seed(0, "frozen-factor-b", 1),
+             derive_seed(1, "frozen-factor-a", 1), derive_seed(0, "frozen-factor-a", 2)}
+    assert len(seeds) == 4
+    assert derive_seed(3, "train", 5, 7) == derive_seed(3, "train", 5, 7)
