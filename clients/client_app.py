@@ -1,8 +1,9 @@
 """The fedlora ClientApp: the same code in Ray virtual clients and on real SuperNodes.
 
 Everything a client needs arrives in the server's message (the resolved config, the round, its seed);
-what it holds itself is its partition id (`partition-id` in the node config) and, optionally, its own
-data folder (`data-root` in the node config, otherwise the config's data.root or FEDLORA_DATA).
+what it holds itself is its node config: `partition-id` (required), and optionally `data-root` (its own
+data folder, instead of the config's data.root) and `num-threads` (torch threads; by default torch's,
+which Ray sets to a virtual client's CPU share).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def train(msg: Message, context: Context) -> Message:
     pid = int(config["partition-id"])
     if pid != _partition_id(context):
         raise ValueError(f"server asked for partition {pid}, this node holds {_partition_id(context)}")
-    # One thread per CPU of this client's share: more only oversubscribes the cores it shares.
-    torch.set_num_threads(max(1, int(cfg.simulation.client_resources.num_cpus)))
+    if "num-threads" in context.node_config:
+        torch.set_num_threads(int(context.node_config["num-threads"]))
     x, y = client_tensors(cfg, pid)
     model = arrays_to_model(initial_model(cfg), msg.content["arrays"])
     loss = train_local(model, x, y, cfg.local, seed=int(config["seed"]))

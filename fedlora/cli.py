@@ -17,6 +17,7 @@ register_schema()
 def _main(cfg: DictConfig) -> None:
     from fedlora.records import setup_logging
 
+    run_dir = HydraConfig.get().runtime.output_dir
     try:
         cfg = resolve(cfg)
         setup_logging(cfg.verbose)
@@ -27,9 +28,8 @@ def _main(cfg: DictConfig) -> None:
         federated_data(cfg)
         from fedlora.simulation import run_simulation
 
-        run_dir = HydraConfig.get().runtime.output_dir
         run_simulation(cfg, run_dir)
-    except RunInterrupted:
+    except (RunInterrupted, KeyboardInterrupt):
         print(f"fedlora-sim: interrupted; the rounds completed so far are in {run_dir}", file=sys.stderr)
         sys.exit(130)
     except FedloraError as e:

@@ -1,102 +1,82 @@
 """Config schema and validation.
 
-Hydra composes the YAML groups in `conf/` on top of the `Config` dataclass below, which catches
-unknown keys and wrong types. `validate` then checks the values that a type cannot express (names,
-ranges, cross-field rules) so that a user mistake ends in one short message before any work starts.
+The dataclasses below are the schema: the keys and types of a run's config, with what each means.
+The values live in the YAML files of `conf/` (`conf/config.yaml` and one file per group option),
+which Hydra composes on top of this schema, so an unknown key or a wrong type fails at composition.
+`validate` then checks what a type cannot express (names, ranges, cross-field rules), so that a user
+mistake ends in one short message before any work starts.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-class FedloraError(Exception):
-    """A user-facing error: the message is shown as it is, without a traceback."""
-
-
-class ConfigError(FedloraError):
-    pass
-
-
-class RunInterrupted(FedloraError):
-    """The user stopped a run; its records hold the rounds completed so far."""
+from fedlora.errors import ConfigError, FedloraError, RunInterrupted  # noqa: F401 (re-exported)
 
 
 @dataclass
 class DatasetConfig:
-    name: str = "fmnist"
-    num_classes: int = 10
-    default_model: str = "fmnist_cnn"
+    name: str = MISSING  # fmnist, svhn, cifar10, cifar100 (classes and shapes: fedlora.data.DATASETS)
 
 
 @dataclass
 class ModelConfig:
-    # "auto" picks the FedMUD paper's model for the dataset (DatasetConfig.default_model).
-    name: str = "auto"
+    name: str = MISSING  # a name in fedlora.models.MODELS, or "auto": the FedMUD paper's model for the dataset
 
 
 @dataclass
 class PartitionConfig:
-    name: str = "dirichlet"
-    alpha: float = 0.3
-    min_partition_size: int = 10
-    classes_per_client: int = 3
+    name: str = MISSING  # iid, dirichlet, label_count
+    alpha: Optional[float] = None  # dirichlet: concentration; smaller is more skewed
+    min_partition_size: Optional[int] = None  # dirichlet: resample until every client has this many
+    classes_per_client: Optional[int] = None  # label_count: exactly this many classes per client
 
 
 @dataclass
 class MethodConfig:
-    name: str = "fedavg"
+    name: str = MISSING  # a key of strategies.STRATEGIES
 
 
 @dataclass
-class LocalConfig:
-    epochs: int = 1
-    batch_size: int = 64
-    lr: float = 0.03
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+class LocalConfig:  # clients' local SGD
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    momentum: float = MISSING
+    weight_decay: float = MISSING
 
 
 @dataclass
 class DataConfig:
-    # Where the data sets lie; FEDLORA_DATA is used when this is null.
-    root: Optional[str] = None
-    # Where decoded arrays are cached; FEDLORA_CACHE or ~/.cache/fedlora when null.
-    cache_dir: Optional[str] = None
-    # Fetch through torchvision when the files are missing (needs internet).
-    download: bool = False
-    # Seeded random subsets (for quick runs and tests); null keeps the full split.
-    train_samples: Optional[int] = None
-    test_samples: Optional[int] = None
+    root: Optional[str] = None  # where the data sets lie; FEDLORA_DATA when null
+    cache_dir: Optional[str] = None  # decoded arrays; FEDLORA_CACHE or ~/.cache/fedlora when null
+    download: bool = False  # fetch missing data sets through torchvision (needs internet)
+    train_samples: Optional[int] = None  # a seeded random subset of the training split; null: all
+    test_samples: Optional[int] = None  # likewise for the test split
 
 
 @dataclass
 class ClientResources:
-    num_cpus: float = 1.0
-    # "auto": a share of a GPU when one is present, none otherwise.
-    num_gpus: Any = "auto"
+    num_cpus: float = MISSING  # Ray CPUs per virtual client (Ray sets its torch threads to match)
+    num_gpus: Any = MISSING  # "auto": a fifth of a GPU when one is present, none otherwise; or a number
 
 
 @dataclass
 class SimulationConfig:
-    backend: str = "ray"
+    backend: str = MISSING  # ray
     client_resources: ClientResources = field(default_factory=ClientResources)
-    # Address of a running Ray cluster ("auto" or "host:port"); null starts a local one.
-    ray_address: Optional[str] = None
-    # CPUs given to a local Ray instance; null lets Ray use all of them.
-    ray_num_cpus: Optional[int] = None
-    # Seconds the server waits for the replies of one round.
-    round_timeout: float = 3600.0
+    ray_address: Optional[str] = None  # a running Ray cluster ("host:port" or "auto"); null: a new local one
+    ray_num_cpus: Optional[int] = None  # CPUs of a new local Ray instance; null: all
+    round_timeout: float = MISSING  # seconds the server waits for a round's replies
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 1000
+    batch_size: int = MISSING  # server-side evaluation on the test split
 
 
 @dataclass
@@ -109,16 +89,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
-    num_clients: int = 20
-    clients_per_round: int = 5
-    num_rounds: int = 5
-    # Show Flower's own INFO logs as well as fedlora's round lines.
-    verbose: bool = False
-
-
-DATASETS = ("fmnist", "svhn", "cifar10", "cifar100")
-PARTITIONS = ("iid", "dirichlet", "label_count")
+    seed: int = MISSING  # fixes partitions, initial model, client sampling and batch order
+    num_clients: int = MISSING
+    clients_per_round: int = MISSING
+    num_rounds: int = MISSING
+    verbose: bool = False  # Flower's and Ray's own logs as well as fedlora's round lines
 
 
 def register_schema() -> None:
@@ -131,86 +106,89 @@ def _choices(names) -> str:
     return ", ".join(sorted(names))
 
 
+def _at_least(cfg: DictConfig, key: str, low: float, strict: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None or (value <= low if strict else value < low):
+        raise ConfigError(f"{key} must be {'>' if strict else '>='} {low} (got {value})")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the valid choices for the first mistake found."""
-    from fedlora.models import DATASET_SHAPES, MODELS
+    from fedlora.data import DATASETS, check_available
+    from fedlora.models import MODELS
+    from fedlora.partition import PARTITIONERS
     from strategies import STRATEGIES
 
     if cfg.dataset.name not in DATASETS:
         raise ConfigError(f"unknown dataset '{cfg.dataset.name}'; choose one of: {_choices(DATASETS)}")
-    if cfg.model.name != "auto" and cfg.model.name not in MODELS:
+    info = DATASETS[cfg.dataset.name]
+    if cfg.model.name not in MODELS:
         raise ConfigError(f"unknown model '{cfg.model.name}'; choose one of: auto, {_choices(MODELS)}")
-    if cfg.model.name in MODELS and MODELS[cfg.model.name][1] != DATASET_SHAPES[cfg.dataset.name]:
+    if MODELS[cfg.model.name].input_shape != info.shape:
         raise ConfigError(
-            f"model '{cfg.model.name}' takes {MODELS[cfg.model.name][1]} inputs but dataset "
-            f"'{cfg.dataset.name}' has {DATASET_SHAPES[cfg.dataset.name]}; leave model=auto for the "
-            "dataset's own model"
+            f"model '{cfg.model.name}' takes {MODELS[cfg.model.name].input_shape} inputs but dataset "
+            f"'{cfg.dataset.name}' has {info.shape}; leave model=auto for the dataset's own model"
         )
     if cfg.method.name not in STRATEGIES:
         raise ConfigError(f"unknown method '{cfg.method.name}'; choose one of: {_choices(STRATEGIES)}")
     p = cfg.partition
-    if p.name not in PARTITIONS:
-        raise ConfigError(f"unknown partition '{p.name}'; choose one of: {_choices(PARTITIONS)}")
-    if p.name == "dirichlet" and not p.alpha > 0:
-        raise ConfigError(f"partition.alpha must be > 0 (got {p.alpha})")
-    if p.name == "dirichlet" and p.min_partition_size < 0:
-        raise ConfigError(f"partition.min_partition_size must be >= 0 (got {p.min_partition_size})")
-    if p.name == "label_count" and not 1 <= p.classes_per_client <= cfg.dataset.num_classes:
+    if p.name not in PARTITIONERS:
+        raise ConfigError(f"unknown partition '{p.name}'; choose one of: {_choices(PARTITIONERS)}")
+    if p.name == "dirichlet":
+        _at_least(cfg, "partition.alpha", 0, strict=True)
+        _at_least(cfg, "partition.min_partition_size", 0)
+    if p.name == "label_count" and not (p.classes_per_client and 1 <= p.classes_per_client <= info.num_classes):
         raise ConfigError(
-            f"partition.classes_per_client must be between 1 and {cfg.dataset.num_classes} "
-            f"(got {p.classes_per_client})"
+            f"partition.classes_per_client must be between 1 and {info.num_classes} (got {p.classes_per_client})"
         )
-    if cfg.num_clients < 1:
-        raise ConfigError(f"num_clients must be >= 1 (got {cfg.num_clients})")
+    _at_least(cfg, "seed", 0)
+    _at_least(cfg, "num_clients", 1)
     if not 1 <= cfg.clients_per_round <= cfg.num_clients:
         raise ConfigError(
-            f"clients_per_round must be between 1 and num_clients={cfg.num_clients} "
-            f"(got {cfg.clients_per_round})"
+            f"clients_per_round must be between 1 and num_clients={cfg.num_clients} (got {cfg.clients_per_round})"
         )
-    if cfg.num_rounds < 1:
-        raise ConfigError(f"num_rounds must be >= 1 (got {cfg.num_rounds})")
-    loc = cfg.local
-    if loc.epochs < 1 or loc.batch_size < 1:
-        raise ConfigError(f"local.epochs and local.batch_size must be >= 1 (got {loc.epochs}, {loc.batch_size})")
-    if not loc.lr > 0 or loc.momentum < 0 or loc.weight_decay < 0:
-        raise ConfigError("local.lr must be > 0 and local.momentum, local.weight_decay >= 0")
-    for key in ("train_samples", "test_samples"):
-        n = cfg.data[key]
-        if n is not None and n < 1:
-            raise ConfigError(f"data.{key} must be >= 1 or null (got {n})")
+    for key in ("num_rounds", "local.epochs", "local.batch_size", "eval.batch_size"):
+        _at_least(cfg, key, 1)
+    _at_least(cfg, "local.lr", 0, strict=True)
+    _at_least(cfg, "local.momentum", 0)
+    _at_least(cfg, "local.weight_decay", 0)
+    for key in ("data.train_samples", "data.test_samples"):
+        if OmegaConf.select(cfg, key) is not None:
+            _at_least(cfg, key, 1)
     if cfg.data.train_samples is not None and cfg.data.train_samples < cfg.num_clients:
-        raise ConfigError(
-            f"data.train_samples={cfg.data.train_samples} is fewer than num_clients={cfg.num_clients}"
-        )
-    res = cfg.simulation.client_resources
-    if not res.num_cpus > 0:
-        raise ConfigError(f"simulation.client_resources.num_cpus must be > 0 (got {res.num_cpus})")
-    if res.num_gpus != "auto" and not (isinstance(res.num_gpus, (int, float)) and res.num_gpus >= 0):
-        raise ConfigError(f"simulation.client_resources.num_gpus must be 'auto' or a number >= 0 (got {res.num_gpus})")
+        raise ConfigError(f"data.train_samples={cfg.data.train_samples} is fewer than num_clients={cfg.num_clients}")
+    _at_least(cfg, "simulation.client_resources.num_cpus", 0, strict=True)
+    gpus = cfg.simulation.client_resources.num_gpus
+    if gpus != "auto" and not (isinstance(gpus, (int, float)) and not isinstance(gpus, bool) and gpus >= 0):
+        raise ConfigError(f"simulation.client_resources.num_gpus must be 'auto' or a number >= 0 (got {gpus})")
+    _at_least(cfg, "simulation.round_timeout", 0, strict=True)
     if cfg.simulation.backend != "ray":
         raise ConfigError(f"unknown simulation.backend '{cfg.simulation.backend}'; choose one of: ray")
-    # The data root is checked here too, so that a missing data set stops the run before Ray starts.
-    from fedlora.data import check_available
-
-    check_available(cfg.dataset.name, data_root(cfg), cfg.data.download)
+    # A missing data set stops the run here, before Ray starts.
+    check_available(cfg.dataset.name, cfg.data.root, cfg.data.download)
 
 
 def resolve(cfg: DictConfig) -> DictConfig:
-    """Fill in the choices left to fedlora (model "auto", the data root), validate, and return
-    a plain resolved copy."""
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    if cfg.model.name == "auto":
-        cfg.model.name = cfg.dataset.default_model
+    """A plain, validated copy of a composed config, with the choices left to fedlora filled in: the
+    model for "auto" and the data root from FEDLORA_DATA."""
+    import os
+
+    from fedlora.data import DATASETS
+
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from e
+    if cfg.model.name == "auto" and cfg.dataset.name in DATASETS:
+        cfg.model.name = DATASETS[cfg.dataset.name].default_model
     if cfg.data.root is None and os.environ.get("FEDLORA_DATA"):
         cfg.data.root = os.environ["FEDLORA_DATA"]
     if cfg.data.root is not None:
         cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
     validate(cfg)
     return cfg
-
-
-def data_root(cfg: DictConfig) -> Optional[str]:
-    return cfg.data.root or os.environ.get("FEDLORA_DATA")
 
 
 def to_json(cfg: DictConfig) -> str:

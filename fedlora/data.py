@@ -23,11 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from fedlora.config import FedloraError
-
-
-class DataError(FedloraError):
-    pass
+from fedlora.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -36,12 +32,20 @@ class Split:
     labels: np.ndarray  # int64, (N,)
 
 
-# Per-channel mean and std of the training images, on the 0..1 scale.
-NORMALIZATION = {
-    "fmnist": ((0.2860,), (0.3530,)),
-    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    shape: tuple[int, int, int]  # (C, H, W)
+    default_model: str  # the FedMUD paper's model for it
+    mean: tuple[float, ...]  # per channel, of the training images on the 0..1 scale
+    std: tuple[float, ...]
+
+
+DATASETS = {
+    "fmnist": DatasetInfo(10, (1, 28, 28), "fmnist_cnn", (0.2860,), (0.3530,)),
+    "svhn": DatasetInfo(10, (3, 32, 32), "svhn_cnn", (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "cifar10": DatasetInfo(10, (3, 32, 32), "vgg_cifar", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo(100, (3, 32, 32), "vgg_cifar", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
 _FMNIST_FILES = {
@@ -50,19 +54,25 @@ _FMNIST_FILES = {
 }
 
 
-def _read_maybe_gz(path: Path) -> bytes:
+def _existing(path: Path) -> Optional[Path]:
+    """The file itself or its .gz sibling, whichever exists."""
     for candidate in (path, path.with_name(path.name + ".gz")):
         if candidate.exists():
-            opener = gzip.open if candidate.suffix == ".gz" else open
-            with opener(candidate, "rb") as f:
-                return f.read()
-    raise FileNotFoundError(path)
+            return candidate
+    return None
+
+
+def _read_maybe_gz(path: Path) -> bytes:
+    found = _existing(path)
+    if found is None:
+        raise FileNotFoundError(path)
+    with (gzip.open if found.suffix == ".gz" else open)(found, "rb") as f:
+        return f.read()
 
 
 def _idx_dir(root: Path) -> Optional[Path]:
     for d in (root / "fashion-mnist", root / "FashionMNIST" / "raw", root):
-        name = _FMNIST_FILES["train"][0]
-        if (d / name).exists() or (d / (name + ".gz")).exists():
+        if _existing(d / _FMNIST_FILES["train"][0]) is not None:
             return d
     return None
 
@@ -82,13 +92,13 @@ def _jpeg_npz_dir(root: Path, name: str) -> Optional[Path]:
 def _load_jpeg_npz(d: Path, split: str) -> Split:
     from PIL import Image
 
-    z = np.load(d / f"{split}.npz")
-    data, offsets = z["data"], z["offsets"]
+    with np.load(d / f"{split}.npz") as z:
+        data, offsets, labels = z["data"], z["offsets"], z["labels"]
     images = np.stack(
         [np.asarray(Image.open(io.BytesIO(data[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
          for i in range(len(offsets) - 1)]
     )
-    return Split(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), z["labels"].astype(np.int64))
+    return Split(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels.astype(np.int64))
 
 
 def _torchvision(name: str, root: Path, split: str, download: bool) -> Split:
@@ -102,10 +112,8 @@ def _torchvision(name: str, root: Path, split: str, download: bool) -> Split:
         cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
         ds = cls(str(root), train=train, download=download)
         return Split(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, np.int64))
-    if name == "svhn":
-        ds = tvd.SVHN(str(root / "svhn") if (root / "svhn").is_dir() else str(root), split=split, download=download)
-        return Split(np.ascontiguousarray(ds.data), np.asarray(ds.labels, np.int64))
-    raise DataError(f"unknown dataset '{name}'")
+    ds = tvd.SVHN(str(root / "svhn") if (root / "svhn").is_dir() else str(root), split=split, download=download)
+    return Split(np.ascontiguousarray(ds.data), np.asarray(ds.labels, np.int64))
 
 
 _TORCHVISION_MARKERS = {
@@ -124,16 +132,27 @@ _EXPECTED = {
 }
 
 
-def _find_source(name: str, root: Path, download: bool = False) -> Optional[tuple[str, Callable[[str], Split]]]:
-    """(the files' location, a loader of a split) for the first layout found, or None. With download,
-    torchvision's layout is used and fetched split by split as needed."""
+Source = tuple[list[Path], Callable[[str], Split]]
+
+
+def _find_source(name: str, root: Path, download: bool = False) -> Optional[Source]:
+    """(the files read, a loader of a split) for the first layout found under root, or None. With
+    download, torchvision's layout is used and fetched split by split as needed."""
     if name == "fmnist" and (d := _idx_dir(root)) is not None:
-        return str(d), lambda split: _load_idx(d, split)
+        files = [_existing(d / f) for pair in _FMNIST_FILES.values() for f in pair]
+        return [f for f in files if f is not None], lambda split: _load_idx(d, split)
     if name in ("cifar10", "cifar100", "svhn") and (d := _jpeg_npz_dir(root, name)) is not None:
-        return str(d), lambda split: _load_jpeg_npz(d, split)
-    if download or any((root / m).exists() for m in _TORCHVISION_MARKERS[name]):
-        return str(root), lambda split: _torchvision(name, root, split, download=download)
+        return [d / "train.npz", d / "test.npz"], lambda split: _load_jpeg_npz(d, split)
+    markers = [root / m for m in _TORCHVISION_MARKERS[name] if (root / m).exists()]
+    if download or markers:
+        return markers, lambda split: _torchvision(name, root, split, download=download)
     return None
+
+
+def _cache_name(name: str, split: str, files: list[Path]) -> str:
+    """Named after the source files' paths, sizes and modification times: changed files, new entry."""
+    stats = sorted(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return f"{name}-{split}-{hashlib.sha1('|'.join(stats).encode()).hexdigest()[:12]}.npz"
 
 
 def check_available(name: str, root: Optional[str], download: bool) -> None:
@@ -173,20 +192,20 @@ def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
 def load_split(name: str, root: str, split: str, download: bool = False, cache_dir: Optional[str] = None) -> Split:
     """Decoded split of a data set, from memory, the disk cache, or the source files (in that order)."""
     check_available(name, root, download)
-    where, loader = _find_source(name, Path(root), download)
-    # The location and its modification time name the cache entry: new files there give a new entry.
-    stamp = os.stat(where).st_mtime_ns if os.path.exists(where) else 0
-    key = hashlib.sha1(f"{os.path.abspath(where)}:{stamp}".encode()).hexdigest()[:10]
+    files, loader = _find_source(name, Path(root), download)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    cached = cache / f"{name}-{split}-{key}.npz"
-    if cached.exists():
-        z = np.load(cached)
-        return Split(z["images"], z["labels"])
+    cached = cache / _cache_name(name, split, files)
+    if files and cached.exists():
+        with np.load(cached) as z:
+            return Split(z["images"], z["labels"])
     try:
         data = loader(split)
     except (OSError, RuntimeError, ValueError) as e:
         action = "download" if download else "read"
         raise DataError(f"could not {action} the {split} split of '{name}' under {root}: {e}") from e
+    if not files:  # fetched just now: name the entry after the files that are there now
+        files, _ = _find_source(name, Path(root), download)
+        cached = cache / _cache_name(name, split, files)
     try:
         _save_atomic(cached, images=data.images, labels=data.labels)
     except OSError:
@@ -204,9 +223,7 @@ def subset_indices(n: int, size: Optional[int], seed: int) -> np.ndarray:
 
 def load_train_test(cfg) -> tuple[Split, Split]:
     """The training and test splits a run uses, with the config's seeded subsets applied."""
-    from fedlora.config import data_root
-
-    root = data_root(cfg)
+    root = cfg.data.root
     cache = cfg.data.cache_dir
     train = load_split(cfg.dataset.name, root, "train", cfg.data.download, cache)
     test = load_split(cfg.dataset.name, root, "test", cfg.data.download, cache)
@@ -224,7 +241,8 @@ def to_tensors(split: Split, dataset: str, indices: Optional[np.ndarray] = None)
     images, labels = split.images, split.labels
     if indices is not None:
         images, labels = images[indices], labels[indices]
-    mean, std = NORMALIZATION[dataset]
+    info = DATASETS[dataset]
+    mean, std = info.mean, info.std
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
     x.sub_(torch.tensor(mean).view(1, -1, 1, 1)).div_(torch.tensor(std).view(1, -1, 1, 1))
     return x, torch.from_numpy(np.ascontiguousarray(labels)).long()

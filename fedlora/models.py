@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -86,20 +89,22 @@ class ResNet18(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.layers(out)), 1))
 
 
-# name -> (builder(num_classes), input shape (C, H, W)) it expects
-MODELS = {
-    "fmnist_cnn": (lambda k: PoolCNN(1, k, 256), (1, 28, 28)),
-    "svhn_cnn": (lambda k: PoolCNN(3, k, 1024), (3, 32, 32)),
-    "vgg_cifar": (lambda k: VGGCifar(k), (3, 32, 32)),
-    "resnet18": (lambda k: ResNet18(k), (3, 32, 32)),
-}
+@dataclass(frozen=True)
+class ModelSpec:
+    builder: Callable[[int], nn.Module]  # num_classes -> model
+    input_shape: tuple[int, int, int]  # (C, H, W) it takes
 
-DATASET_SHAPES = {"fmnist": (1, 28, 28), "svhn": (3, 32, 32), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
+
+MODELS = {
+    "fmnist_cnn": ModelSpec(lambda k: PoolCNN(1, k, 256), (1, 28, 28)),
+    "svhn_cnn": ModelSpec(lambda k: PoolCNN(3, k, 1024), (3, 32, 32)),
+    "vgg_cifar": ModelSpec(VGGCifar, (3, 32, 32)),
+    "resnet18": ModelSpec(ResNet18, (3, 32, 32)),
+}
 
 
 def build_model(name: str, num_classes: int, seed: int) -> nn.Module:
     """The model with its initial weights drawn from `seed` (on CPU, so identical everywhere)."""
-    builder, _ = MODELS[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return builder(num_classes)
+        return MODELS[name].builder(num_classes)

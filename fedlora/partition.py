@@ -6,47 +6,52 @@ every client compute the same ones independently; nothing about them travels.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-from fedlora.config import ConfigError
+from fedlora.errors import ConfigError
+
+log = logging.getLogger("fedlora")
+
+
+def _iid(num_clients: int, pcfg, seed: int):
+    from flwr_datasets.partitioner import IidPartitioner
+
+    return IidPartitioner(num_partitions=num_clients)
+
+
+def _dirichlet(num_clients: int, pcfg, seed: int):
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    return DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=float(pcfg.alpha),
+                                min_partition_size=int(pcfg.min_partition_size), self_balancing=False,
+                                shuffle=True, seed=seed)
+
+
+def _label_count(num_clients: int, pcfg, seed: int):
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
+    # Client i's first class is i mod the class count, so every class is used when there are at least
+    # as many clients as classes; its other k-1 classes are drawn at random.
+    return PathologicalPartitioner(num_partitions=num_clients, partition_by="label",
+                                   num_classes_per_partition=int(pcfg.classes_per_client),
+                                   class_assignment_mode="first-deterministic", shuffle=True, seed=seed)
+
+
+# partition name (conf/partition/<name>.yaml) -> builder of its flwr-datasets partitioner
+PARTITIONERS = {"iid": _iid, "dirichlet": _dirichlet, "label_count": _label_count}
 
 
 def partition_indices(labels: np.ndarray, num_clients: int, pcfg, seed: int) -> list[np.ndarray]:
     """Row indices of each client's partition, sorted, one array per client."""
     import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
     labels = np.asarray(labels)
-    order = np.arange(len(labels))
-    if pcfg.name == "iid":
-        # IidPartitioner cuts contiguous shards: shuffle the rows first, with the run's seed.
-        order = np.random.default_rng(seed).permutation(len(labels))
-        partitioner = IidPartitioner(num_partitions=num_clients)
-    elif pcfg.name == "dirichlet":
-        partitioner = DirichletPartitioner(
-            num_partitions=num_clients,
-            partition_by="label",
-            alpha=float(pcfg.alpha),
-            min_partition_size=int(pcfg.min_partition_size),
-            self_balancing=False,
-            shuffle=True,
-            seed=seed,
-        )
-    elif pcfg.name == "label_count":
-        partitioner = PathologicalPartitioner(
-            num_partitions=num_clients,
-            partition_by="label",
-            num_classes_per_partition=int(pcfg.classes_per_client),
-            # client i's first class is i mod the class count, so every class is used when there
-            # are at least as many clients as classes; the other k-1 are drawn at random
-            class_assignment_mode="first-deterministic",
-            shuffle=True,
-            seed=seed,
-        )
-    else:
-        raise ConfigError(f"unknown partition '{pcfg.name}'")
-    table = datasets.Dataset.from_dict({"row": order.astype(np.int64), "label": labels[order].astype(np.int64)})
-    partitioner.dataset = table
+    # IidPartitioner cuts contiguous shards: the rows are shuffled first, with the run's seed.
+    order = np.random.default_rng(seed).permutation(len(labels)) if pcfg.name == "iid" else np.arange(len(labels))
+    partitioner = PARTITIONERS[pcfg.name](num_clients, pcfg, seed)
+    partitioner.dataset = datasets.Dataset.from_dict({"row": order, "label": labels[order].astype(np.int64)})
     try:
         parts = [np.sort(np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)) for i in range(num_clients)]
     except ValueError as e:
@@ -54,10 +59,14 @@ def partition_indices(labels: np.ndarray, num_clients: int, pcfg, seed: int) -> 
         raise ConfigError(f"cannot partition {len(labels)} samples over {num_clients} clients: {e}") from e
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
-        raise ConfigError(
-            f"partition '{pcfg.name}' left {len(empty)} of {num_clients} clients without data "
-            f"({len(labels)} samples); use fewer clients or more data"
-        )
+        raise ConfigError(f"partition '{pcfg.name}' left {len(empty)} of {num_clients} clients without data "
+                          f"({len(labels)} samples); use fewer clients or more data")
+    used = sum(len(p) for p in parts)
+    if used < len(labels):
+        held = np.zeros(len(labels), bool)
+        held[np.concatenate(parts)] = True
+        log.warning("partition '%s': %d of %d samples (classes %s) are held by no client", pcfg.name,
+                    len(labels) - used, len(labels), sorted(set(labels[~held].tolist())))
     return parts
 
 

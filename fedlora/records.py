@@ -15,6 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedlora.ledger import Ledger
+
 log = logging.getLogger("fedlora")
 
 
@@ -26,14 +28,21 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} GB"
 
 
+def _finite_or_none(row: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no NaN: a value that could not be measured (no valid reply this round) is null.
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
 class RunRecorder:
-    def __init__(self, run_dir: str | Path, cfg: DictConfig):
+    """The records of one run; `ledger` counts the bytes of every message the run sends and receives."""
+
+    def __init__(self, run_dir: str | Path, cfg: DictConfig, ledger: Ledger):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
+        self.ledger = ledger
         self.rounds: list[dict[str, Any]] = []
         self.initial: dict[str, float] = {}
-        self.notes: dict[str, Any] = {}
         self.started = time.time()
         (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         self._metrics = open(self.dir / "metrics.jsonl", "w")
@@ -45,7 +54,7 @@ class RunRecorder:
 
     def record_round(self, row: dict[str, Any]) -> None:
         self.rounds.append(row)
-        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.write(json.dumps(_finite_or_none(row)) + "\n")
         self._metrics.flush()
         log.info(
             "round %d/%d | acc %.4f | loss %.4f | train loss %.4f | clients %d | up %s | down %s | total up %s | %.1f s",
@@ -70,10 +79,10 @@ class RunRecorder:
             "final_accuracy": last.get("test_accuracy"),
             "best_accuracy": best.get("test_accuracy"),
             "best_round": best.get("round"),
-            "total_bytes_up": last.get("cum_bytes_up", 0),
-            "total_bytes_down": last.get("cum_bytes_down", 0),
+            # every message sent or received, the interrupted round's too
+            "total_bytes_up": self.ledger.total_up,
+            "total_bytes_down": self.ledger.total_down,
             "total_seconds": round(time.time() - self.started, 3),
-            **self.notes,
         }
         if error:
             data["error"] = error
@@ -82,7 +91,7 @@ class RunRecorder:
     def close(self, status: str, error: str | None = None) -> dict[str, Any]:
         self._metrics.close()
         data = self.summary(status, error)
-        (self.dir / "summary.json").write_text(json.dumps(data, indent=1))
+        (self.dir / "summary.json").write_text(json.dumps(_finite_or_none(data), indent=1))
         return data
 
 

@@ -30,9 +30,9 @@ def backend_config(cfg: DictConfig) -> dict:
         # Five clients share a GPU when there is one; none is asked for otherwise.
         num_gpus = 0.2 if torch.cuda.is_available() else 0.0
     init_args: dict = {"logging_level": "DEBUG" if cfg.verbose else "ERROR", "log_to_driver": bool(cfg.verbose)}
-    if sim.ray_address:
-        init_args["address"] = sim.ray_address
-    elif sim.ray_num_cpus:
+    # "local" starts a new Ray instance even when a cluster started with `ray start` runs here.
+    init_args["address"] = sim.ray_address or "local"
+    if not sim.ray_address and sim.ray_num_cpus:
         init_args["num_cpus"] = int(sim.ray_num_cpus)
     return {
         "client_resources": {"num_cpus": float(sim.client_resources.num_cpus), "num_gpus": float(num_gpus)},

@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fedlora.data import Split, load_train_test, to_tensors
+from fedlora.data import DATASETS, Split, load_train_test, to_tensors
 from fedlora.models import build_model
 from fedlora.partition import partition_indices
 
@@ -45,7 +45,7 @@ def federated_data(cfg: DictConfig) -> tuple[Split, Split, list[np.ndarray]]:
     return _federated_data(_data_key(cfg))
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=256)  # all of a process's clients: together at most the training split, as floats
 def _client_tensors(key: str, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     train, _, parts = _federated_data(key)
     return to_tensors(train, json.loads(key)["dataset"]["name"], parts[partition_id])
@@ -62,7 +62,7 @@ def test_tensors(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def initial_model(cfg: DictConfig) -> nn.Module:
-    return build_model(cfg.model.name, cfg.dataset.num_classes, derive_seed(cfg.seed, "model-init"))
+    return build_model(cfg.model.name, DATASETS[cfg.dataset.name].num_classes, derive_seed(cfg.seed, "model-init"))
 
 
 def travelling_keys(model: nn.Module) -> list[str]:

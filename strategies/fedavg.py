@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 
-from fedlora.config import to_json
+from fedlora.config import FedloraError, to_json
 from fedlora.ledger import Ledger
 from fedlora.task import derive_seed
 from strategies.validation import ReplyRejected, TrainReply, array_spec, parse_train_reply
@@ -31,10 +31,14 @@ class FedAvgStrategy(Strategy):
     their number of examples (in float64, in partition order, so that the result does not depend on
     the order in which replies arrive)."""
 
-    def __init__(self, cfg: DictConfig, node_of_partition: dict[int, int], ledger: Ledger):
+    def __init__(self, cfg: DictConfig, node_of_partition: dict[int, int], ledger: Ledger,
+                 examples_of_partition: dict[int, int] | None = None):
         self.cfg = cfg
         self.node_of_partition = node_of_partition
         self.ledger = ledger
+        # A client's reply must count exactly its partition's examples, where the server knows them,
+        # so that no client can weigh more in the average than its data does.
+        self.examples_of_partition = examples_of_partition
         self.config_json = to_json(cfg)
         self.round_stats: dict[int, dict] = {}
 
@@ -63,8 +67,9 @@ class FedAvgStrategy(Strategy):
         self.ledger.start_round()
         self.round_stats[server_round] = {"started": time.time()}
         self.expected = array_spec(arrays)
+        self.sampled = self.sample(server_round)
         messages = []
-        for pid in self.sample(server_round):
+        for pid in self.sampled:
             msg = Message(self.client_content(server_round, pid, arrays), dst_node_id=self.node_of_partition[pid],
                           message_type=MessageType.TRAIN, group_id=str(server_round))
             self.ledger.sent(msg)
@@ -73,24 +78,35 @@ class FedAvgStrategy(Strategy):
 
     # --- replies ----------------------------------------------------------------------------------
     def accept(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, TrainReply]]:
-        """The valid replies as (partition id, reply), sorted by partition; the others are logged."""
+        """The valid replies as (partition id, reply), sorted by partition; the others are logged.
+        Raises FedloraError when every client of the round failed outright (an error, not a bad
+        reply): the same failure would repeat every round."""
         partition_of_node = {n: p for p, n in self.node_of_partition.items()}
-        accepted, rejected = [], 0
+        accepted: dict[int, TrainReply] = {}
+        rejected, errors = 0, []
         for msg in replies:
             self.ledger.received(msg)
             pid = partition_of_node.get(msg.metadata.src_node_id, -1)
-            if msg.has_error():
-                log.warning("round %d: client %d failed: %s", server_round, pid, msg.error.reason)
-                rejected += 1
-                continue
             try:
-                accepted.append((pid, parse_train_reply(msg.content, self.expected)))
+                if msg.has_error():
+                    errors.append(msg.error.reason)
+                    raise ReplyRejected(f"the client failed: {msg.error.reason}")
+                if pid not in self.sampled:
+                    raise ReplyRejected("not sampled this round")
+                if pid in accepted:
+                    raise ReplyRejected("a second reply in this round")
+                reply = parse_train_reply(msg.content, self.expected)
+                expected = (self.examples_of_partition or {}).get(pid, reply.num_examples)
+                if reply.num_examples != expected:
+                    raise ReplyRejected(f"claims {reply.num_examples} examples, its partition has {expected}")
+                accepted[pid] = reply
             except ReplyRejected as e:
                 log.warning("round %d: rejected the reply of client %d: %s", server_round, pid, e)
                 rejected += 1
-        accepted.sort(key=lambda item: item[0])
+        if errors and not accepted and len(errors) == rejected:
+            raise FedloraError(f"round {server_round}: every client failed; the first said: {errors[0]}")
         self.round_stats[server_round].update(num_clients=len(accepted), rejected=rejected)
-        return accepted
+        return sorted(accepted.items())
 
     def aggregate(self, replies: list[TrainReply]) -> dict[str, np.ndarray]:
         total = sum(r.num_examples for r in replies)

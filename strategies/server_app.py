@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from fedlora.config import FedloraError, RunInterrupted, compose, from_json, resolve
 from fedlora.ledger import Ledger
+from fedlora.data import DATASETS
 from fedlora.partition import class_histogram
 from fedlora.records import RunRecorder, setup_logging
 from fedlora.task import arrays_to_model, federated_data, initial_model, model_to_arrays, test_tensors
@@ -36,9 +37,10 @@ class StoppableGrid:
     """A Grid whose send_and_receive gives up as soon as `stop_requested` is set, instead of waiting
     out the round timeout for replies that will never come."""
 
-    def __init__(self, grid: Grid, poll_seconds: float = 0.1):
+    def __init__(self, grid: Grid):
         self._grid = grid
-        self._poll = poll_seconds
+        # Poll as often as the wrapped grid does (Flower's in-memory grid: 0.1 s; its HTTP grid: 3 s).
+        self._poll = getattr(grid, "pull_interval", 3.0)
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -90,12 +92,13 @@ def discover_partitions(grid: Grid, cfg: DictConfig, timeout: float) -> dict[int
 
 def run(grid: Grid, cfg: DictConfig, recorder: RunRecorder) -> None:
     train, _, parts = federated_data(cfg)
-    recorder.write_partitions(class_histogram(train.labels, parts, cfg.dataset.num_classes))
+    recorder.write_partitions(class_histogram(train.labels, parts, DATASETS[cfg.dataset.name].num_classes))
     model, device = initial_model(cfg), pick_device()
     x_test, y_test = test_tensors(cfg)
     timeout = cfg.simulation.round_timeout
-    ledger = Ledger()
-    strategy = STRATEGIES[cfg.method.name](cfg, discover_partitions(grid, cfg, timeout), ledger)
+    ledger = recorder.ledger
+    strategy = STRATEGIES[cfg.method.name](cfg, discover_partitions(grid, cfg, timeout), ledger,
+                                           examples_of_partition={i: len(p) for i, p in enumerate(parts)})
 
     def evaluate_fn(server_round: int, arrays) -> MetricRecord:
         acc, loss = evaluate(arrays_to_model(model, arrays), x_test, y_test, cfg.eval.batch_size, device)
@@ -128,7 +131,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(context.run_config)
     setup_logging(cfg.verbose)
     run_dir = Path(str(context.run_config.get("run-dir") or f"outputs/run-{time.strftime('%Y%m%d-%H%M%S')}"))
-    recorder = RunRecorder(run_dir, cfg)
+    recorder = RunRecorder(run_dir, cfg, Ledger())
     try:
         run(StoppableGrid(grid), cfg, recorder)
     except BaseException as e:

@@ -5,9 +5,12 @@ ray.init about eight)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -44,13 +47,29 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_address(cache_dir):
-    """Address of a Ray head started for this test session, stopped at its end."""
+    """Address of a Ray head of this test session's own (its own port and temp dir), stopped at the
+    end by ending the `ray start --block` process that owns it: other Ray clusters here are left alone."""
     ray = str(Path(sys.executable).with_name("ray"))
     port = _free_port()
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                    "--disable-usage-stats"], check=True, capture_output=True, timeout=120, env=os.environ.copy())
-    yield f"127.0.0.1:{port}"
-    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+    address = f"127.0.0.1:{port}"
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([ray, "status", f"--address={address}"], capture_output=True).returncode != 0:
+            if head.poll() is not None or time.time() > deadline:
+                pytest.fail("the test Ray head did not start")
+            time.sleep(1)
+        yield address
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 SMALL = ["num_clients=4", "clients_per_round=2", "num_rounds=2", "data.train_samples=1200",

@@ -44,6 +44,10 @@ def test_model_defaults_to_the_papers_model_for_the_dataset(tmp_path):
     (["local.lr=0"], ["local.lr must be > 0"]),
     (["model=vgg_cifar"], ["takes (3, 32, 32) inputs", "'fmnist'"]),
     (["data.train_samples=10"], ["fewer than num_clients=20"]),
+    (["seed=-1"], ["seed must be >= 0"]),
+    (["eval.batch_size=0"], ["eval.batch_size must be >= 1"]),
+    (["simulation.round_timeout=0"], ["simulation.round_timeout must be > 0"]),
+    (["simulation.client_resources.num_gpus=lots"], ["num_gpus must be 'auto' or a number"]),
 ])
 def test_bad_values_are_named(overrides, words):
     with pytest.raises(ConfigError) as e:
@@ -61,6 +65,9 @@ def test_unknown_group_option_names_the_choices():
 def test_unknown_key_and_wrong_type_are_rejected():
     with pytest.raises(ConfigError, match="local.nonsense"):
         compose(["local.nonsense=1"])
+    # what a data set is (classes, shapes) is not for a config to change
+    with pytest.raises(ConfigError, match="dataset.num_classes"):
+        compose(["dataset.num_classes=5"])
     with pytest.raises(ConfigError, match="local.epochs=abc.*could not be converted to Integer"):
         compose(["local.epochs=abc"])
 
@@ -77,19 +84,21 @@ def test_missing_data_root_says_where_and_how(tmp_path, monkeypatch):
         resolved(f"data.root={tmp_path}/nowhere")
 
 
-@pytest.mark.parametrize("args, words", [
-    (["dataset=mnist"], ["fmnist", "cifar10"]),
-    (["partition.alpha=0"], ["partition.alpha must be > 0"]),
-    (["clients_per_round=50"], ["clients_per_round must be between 1 and num_clients=20"]),
-    (["data.root=/nonexistent/data"], ["/nonexistent/data", "FEDLORA_DATA"]),
+@pytest.mark.parametrize("args, code, words", [
+    (["dataset=mnist"], 1, ["fmnist", "cifar10"]),  # Hydra's own message for a group option
+    (["partition.alpha=0"], 2, ["partition.alpha must be > 0"]),
+    (["clients_per_round=50"], 2, ["clients_per_round must be between 1 and num_clients=20"]),
+    (["data.root=/nonexistent/data"], 2, ["/nonexistent/data", "FEDLORA_DATA"]),
 ])
-def test_cli_mistakes_exit_without_traceback(args, words):
-    proc = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120, env=os.environ.copy())
-    assert proc.returncode != 0
+def test_cli_mistakes_exit_without_traceback(args, code, words, tmp_path):
+    sessions = set(Path("/tmp/ray").glob("session_*"))
+    proc = subprocess.run([CLI, *args, f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120,
+                          env=os.environ.copy())
+    assert proc.returncode == code
     assert "Traceback" not in proc.stderr + proc.stdout
     for w in words:
         assert w in proc.stderr
-    assert "ray" not in proc.stdout.lower()  # stopped before Ray started
+    assert set(Path("/tmp/ray").glob("session_*")) == sessions  # stopped before Ray started
 
 
 def test_server_app_reads_the_same_config_from_json_or_overrides():

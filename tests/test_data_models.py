@@ -42,6 +42,17 @@ def test_missing_dataset_says_where(tmp_path):
         load_split("cifar10", str(tmp_path), "train")
 
 
+def test_a_client_process_reads_its_data_once():
+    from fedlora.config import compose, resolve
+    from fedlora.task import client_tensors
+
+    cfg = resolve(compose(["num_clients=4", "clients_per_round=2", "data.train_samples=800"]))
+    load_split.cache_clear()
+    first = client_tensors(cfg, 1)
+    assert client_tensors(cfg, 1) is first  # the next rounds reuse the tensors
+    assert load_split.cache_info().misses == 2  # train and test, decoded once each
+
+
 def test_normalised_tensors():
     split = load_split("fmnist", ROOT, "test")
     x, y = to_tensors(split, "fmnist", np.arange(2000))
@@ -53,7 +64,7 @@ def test_normalised_tensors():
     ("fmnist_cnn", 10, 256), ("svhn_cnn", 10, 1024), ("vgg_cifar", 100, 512), ("resnet18", 10, 512)])
 def test_models_shapes_and_layers(name, classes, head_in):
     model = build_model(name, classes, seed=0)
-    shape = MODELS[name][1]
+    shape = MODELS[name].input_shape
     out = model(torch.zeros(2, *shape))
     assert out.shape == (2, classes)
     assert model.classifier.in_features == head_in

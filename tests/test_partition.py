@@ -30,9 +30,9 @@ def skew(labels, parts):
 
 
 def check_disjoint_cover(parts, n):
+    """No row in two partitions, and every row in one."""
     joined = np.concatenate(parts)
-    assert len(joined) == len(np.unique(joined))
-    return joined
+    assert len(joined) == len(np.unique(joined)) == n
 
 
 def test_iid_is_balanced_and_unskewed(labels):
@@ -52,8 +52,7 @@ def test_dirichlet_skew_grows_as_alpha_shrinks(labels):
 def test_dirichlet_respects_min_size_and_is_seeded(labels):
     parts = partition_indices(labels, 100, pcfg(alpha=0.3, min_partition_size=50), seed=1)
     assert min(len(p) for p in parts) >= 50
-    joined = check_disjoint_cover(parts, len(labels))
-    assert len(joined) == len(labels)
+    check_disjoint_cover(parts, len(labels))
     again = partition_indices(labels, 100, pcfg(alpha=0.3, min_partition_size=50), seed=1)
     other = partition_indices(labels, 100, pcfg(alpha=0.3, min_partition_size=50), seed=2)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
@@ -65,8 +64,16 @@ def test_label_count_gives_exactly_k_classes(labels, k):
     parts = partition_indices(labels, 30, pcfg(name="label_count", classes_per_client=k), seed=0)
     hist = np.array(class_histogram(labels, parts, 10))
     assert ((hist > 0).sum(1) == k).all()
-    joined = check_disjoint_cover(parts, len(labels))
-    assert len(joined) == len(labels)  # every class is used, no sample left out
+    check_disjoint_cover(parts, len(labels))  # every class is used, no sample left out
+
+
+@pytest.mark.filterwarnings("ignore:Classes:")
+def test_label_count_says_when_classes_are_left_out(labels, caplog):
+    with caplog.at_level("WARNING", logger="fedlora"):
+        parts = partition_indices(labels, 2, pcfg(name="label_count", classes_per_client=2), seed=0)
+    used = np.concatenate(parts)
+    assert len(used) == 4 * 6000  # two clients, two classes each, 6,000 samples a class
+    assert "36000 of 60000 samples" in caplog.text
 
 
 @pytest.mark.filterwarnings("ignore:The specified min_partition_size")

@@ -8,7 +8,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedlora.config import compose, from_json, resolve
+from fedlora.config import FedloraError, compose, from_json, resolve
 from fedlora.ledger import Ledger
 from fedlora.task import initial_model, model_to_arrays
 from strategies import FedAvgStrategy
@@ -149,6 +149,31 @@ def test_rejected_replies_stay_out_of_the_aggregate(strategy, arrays, caplog):
     assert strategy.round_stats[1]["num_clients"] == 1 and strategy.round_stats[1]["rejected"] == 2
     text = caplog.text
     assert "non-finite" in text and "client crashed" in text
+
+
+def test_replies_must_come_from_this_rounds_clients_once_with_their_own_size(cfg, arrays, caplog):
+    sizes = {pid: 50 + pid for pid in range(cfg.num_clients)}
+    strategy = FedAvgStrategy(cfg, {pid: 100 + pid for pid in range(cfg.num_clients)}, Ledger(), sizes)
+    messages = list(strategy.configure_train(1, arrays, None, None))
+    values = {k: a.numpy() for k, a in arrays.items()}
+    pids = strategy.sample(1)
+    outsider = next(p for p in range(cfg.num_clients) if p not in pids)
+    stranger = Message(RecordDict(), dst_node_id=100 + outsider, message_type="train")
+    replies = [reply_to(messages[0], values, sizes[pids[0]]),
+               reply_to(messages[0], values, sizes[pids[0]]),           # twice
+               reply_to(messages[1], values, 10 * sizes[pids[1]]),      # inflated weight
+               reply_to(stranger, values, sizes[outsider])]             # not sampled
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["num-examples"] == sizes[pids[0]] and strategy.round_stats[1]["rejected"] == 3
+    assert "second reply" in caplog.text and "claims" in caplog.text and "not sampled" in caplog.text
+
+
+def test_a_round_where_every_client_fails_ends_the_run(strategy, arrays):
+    messages = list(strategy.configure_train(1, arrays, None, None))
+    errors = [Message(Error(code=0, reason="no data here"), reply_to=m) for m in messages]
+    with pytest.raises(FedloraError, match="every client failed.*no data here"):
+        strategy.aggregate_train(1, errors)
 
 
 def test_no_valid_reply_keeps_the_model(strategy, arrays):
