@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from fedlora.config import FedloraError, to_json
 from fedlora.ledger import Ledger
 from fedlora.task import derive_seed
-from strategies.validation import ReplyRejected, TrainReply, array_spec, parse_train_reply
+from strategies.validation import ReplyRejected, Spec, TrainReply, array_spec, parse_train_reply
 
 log = logging.getLogger("fedlora")
 
@@ -41,6 +41,8 @@ class FedAvgStrategy(Strategy):
         self.examples_of_partition = examples_of_partition
         self.config_json = to_json(cfg)
         self.round_stats: dict[int, dict] = {}
+        self.expected: Spec = {}  # this round's arrays: key -> (shape, dtype)
+        self.sampled: list[int] = []  # this round's partition ids
 
     # --- sampling ---------------------------------------------------------------------------------
     def sample(self, server_round: int) -> list[int]:
