@@ -8,7 +8,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fedlora.config import FedloraError, RunInterrupted, register_schema, resolve
+from fedlora.config import register_schema, resolve
+from fedlora.errors import FedloraError, RunInterrupted
 
 register_schema()
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fedlora.errors import ConfigError, FedloraError, RunInterrupted  # noqa: F401 (re-exported)
+from fedlora.errors import ConfigError
 
 
 @dataclass

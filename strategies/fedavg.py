@@ -18,7 +18,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 
-from fedlora.config import FedloraError, to_json
+from fedlora.config import to_json
+from fedlora.errors import FedloraError
 from fedlora.ledger import Ledger
 from fedlora.task import derive_seed
 from strategies.validation import ReplyRejected, Spec, TrainReply, array_spec, parse_train_reply

@@ -16,9 +16,10 @@ from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from fedlora.config import FedloraError, RunInterrupted, compose, from_json, resolve
-from fedlora.ledger import Ledger
+from fedlora.config import compose, from_json, resolve
 from fedlora.data import DATASETS
+from fedlora.errors import FedloraError, RunInterrupted
+from fedlora.ledger import Ledger
 from fedlora.partition import class_histogram
 from fedlora.records import RunRecorder, setup_logging
 from fedlora.task import arrays_to_model, federated_data, initial_model, model_to_arrays, test_tensors

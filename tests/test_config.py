@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.config import ConfigError, FedloraError, compose, resolve
+from fedlora.config import compose, resolve
+from fedlora.errors import ConfigError, FedloraError
 
 CLI = str(Path(sys.executable).with_name("fedlora-sim"))
 

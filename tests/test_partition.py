@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from fedlora.config import ConfigError
+from fedlora.errors import ConfigError
 from fedlora.data import load_split
 from fedlora.partition import class_histogram, partition_indices
 

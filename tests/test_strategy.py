@@ -8,7 +8,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedlora.config import FedloraError, compose, from_json, resolve
+from fedlora.config import compose, from_json, resolve
+from fedlora.errors import FedloraError
 from fedlora.ledger import Ledger
 from fedlora.task import initial_model, model_to_arrays
 from strategies import FedAvgStrategy
