@@ -54,6 +54,7 @@ def tokenize(texts: list[str], tokenizer_path: str, max_length: int, cache_dir: 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer.padding_side = "right"  # TextClassifier drops the padding columns at the end
     enc = tokenizer(texts, max_length=max_length, padding="max_length", truncation=True, return_tensors="np")
     tokens = np.stack([enc["input_ids"], enc["attention_mask"]], axis=1).astype(np.int64)
     if key is not None:
@@ -72,4 +73,8 @@ class TextClassifier(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # padding is on the right and masked: columns past the batch's longest text change nothing
+        # but the time taken
+        longest = int(x[:, 1].sum(dim=1).max())
+        x = x[:, :, :max(longest, 1)]
         return self.model(input_ids=x[:, 0], attention_mask=x[:, 1]).logits

@@ -67,5 +67,10 @@ def test_agnews_is_read_tokenized_once_and_classified(tmp_path):
     x = torch.from_numpy(tokens[:4])
     logits = TextClassifier(hf).eval()(x)
     assert torch.allclose(logits, hf(input_ids=x[:, 0], attention_mask=x[:, 1]).logits) and logits.shape == (4, 4)
+    # padded far past the longest text: the padding columns are dropped, the logits stay
+    long = torch.from_numpy(tokenize(texts[:4], model_path(MINILM), 256))
+    assert long[:, 1].sum(dim=1).max() < 128
+    assert torch.allclose(TextClassifier(hf).eval()(long), hf(input_ids=long[:, 0], attention_mask=long[:, 1]).logits,
+                          atol=1e-5)
     with pytest.raises(DataError, match="agnews/dev.tsv"):
         read_agnews(tmp_path, "train")
