@@ -2,12 +2,20 @@
 
 Everything a client needs arrives in the server's message (the resolved config, the round, its seed),
 except, under method.downlink=broadcast_update, its replica of the global model, which it keeps in
-its Flower node state. What it holds itself is its node config: `partition-id` (required), and optionally `data-root` (its own
-data folder, instead of the config's data.root) and `num-threads` (torch threads; by default torch's,
-which Ray sets to a virtual client's CPU share).
+its Flower node state. What it holds itself is its node config:
+- `partition-id` (required): who it is; with the shared data, which partition it trains on;
+- `num-partitions` (optional): checked against the run's num_clients before the first round;
+- `data-root` (optional): where this node finds the shared data set (by default the run's data.root
+  where that exists on the node, else the node's FEDLORA_DATA);
+- `local-data` (optional): a folder laid out like a data root whose whole training split is this
+  node's own data (no partitioning); the server learns only how many examples it holds;
+- `num-threads` (optional): torch threads; by default torch's, which Ray sets to a virtual client's
+  CPU share.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -15,9 +23,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora.config import from_json
+from fedlora.data import has_dataset
 from fedlora.decompose import factor_keys, reset_factors
-from fedlora.task import (APPLY_UPDATE, arrays_to_model, client_tensors, initial_model, model_to_arrays, start_round,
-                          travelling_keys, uplink_keys)
+from fedlora.task import (APPLY_UPDATE, arrays_to_model, client_tensors, initial_model, local_tensors, model_to_arrays,
+                          start_round, travelling_keys, uplink_keys)
 from fedlora.training import train_local
 
 app = ClientApp()
@@ -33,9 +42,31 @@ def _partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
+def _training_data(cfg, context: Context, partition_id: int):
+    """This node's training tensors: its own data, or its partition of the shared data set, read from
+    the node's `data-root`, else from the run's data.root where that exists here (the same machine, a
+    simulation), else from this node's FEDLORA_DATA."""
+    node = context.node_config
+    here = lambda path: os.path.abspath(os.path.expanduser(str(path)))  # noqa: E731
+    if "local-data" in node:
+        return local_tensors(cfg, here(node["local-data"]))
+    if "data-root" in node:
+        cfg.data.root = here(node["data-root"])
+    elif not has_dataset(cfg.dataset.name, cfg.data.root) and os.environ.get("FEDLORA_DATA"):
+        cfg.data.root = here(os.environ["FEDLORA_DATA"])
+    return client_tensors(cfg, partition_id)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
+    """Who this node is (its partition id, and the number of partitions it was told of) and, for a
+    node with its own data, how many training examples it holds."""
     info = ConfigRecord({"partition-id": _partition_id(context)})
+    if "num-partitions" in context.node_config:
+        info["num-partitions"] = int(context.node_config["num-partitions"])
+    if "local-data" in context.node_config:
+        cfg = from_json(str(msg.content["config"]["fedlora.config"]))
+        info["num-examples"] = len(_training_data(cfg, context, _partition_id(context))[1])
     return Message(RecordDict({"info": info}), reply_to=msg)
 
 
@@ -88,14 +119,12 @@ def apply_update(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = from_json(str(config["fedlora.config"]))
-    if "data-root" in context.node_config:
-        cfg.data.root = str(context.node_config["data-root"])
     pid = int(config["partition-id"])
     if pid != _partition_id(context):
         raise ValueError(f"server asked for partition {pid}, this node holds {_partition_id(context)}")
     if "num-threads" in context.node_config:
         torch.set_num_threads(int(context.node_config["num-threads"]))
-    x, y = client_tensors(cfg, pid)
+    x, y = _training_data(cfg, context, pid)
     if cfg.method.downlink == "broadcast_update":
         model, seed = _replica(cfg, context, int(config["version"]))
         if seed != int(config["factor-seed"]):

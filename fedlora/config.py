@@ -329,8 +329,9 @@ def from_json(text: str) -> DictConfig:
     return OmegaConf.create(json.loads(text))
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The config that `fedlora-sim OVERRIDES...` would run, composed without launching anything."""
+def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
+    """The config that `fedlora-sim --config-name CONFIG_NAME OVERRIDES...` would run, composed
+    without launching anything."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.errors import HydraException
@@ -339,7 +340,7 @@ def compose(overrides: list[str]) -> DictConfig:
     register_schema()
     try:
         with initialize_config_module(config_module="conf", version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides))
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
         cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
         raise ConfigError(f"{e}{cause}") from e

@@ -90,8 +90,9 @@ def _load_idx(d: Path, split: str) -> Split:
 
 
 def _jpeg_npz_dir(root: Path, name: str) -> Optional[Path]:
+    # train.npz alone will do: a deployed node's own data (`local-data`) has no test split
     d = root / name
-    return d if (d / "train.npz").exists() and (d / "test.npz").exists() else None
+    return d if (d / "train.npz").exists() else None
 
 
 def _load_jpeg_npz(d: Path, split: str) -> Split:
@@ -148,7 +149,7 @@ def _find_source(name: str, root: Path, download: bool = False) -> Optional[Sour
         files = [_existing(d / f) for pair in _FMNIST_FILES.values() for f in pair]
         return [f for f in files if f is not None], lambda split: _load_idx(d, split)
     if name in ("cifar10", "cifar100", "svhn") and (d := _jpeg_npz_dir(root, name)) is not None:
-        return [d / "train.npz", d / "test.npz"], lambda split: _load_jpeg_npz(d, split)
+        return [p for p in (d / "train.npz", d / "test.npz") if p.exists()], lambda split: _load_jpeg_npz(d, split)
     markers = [root / m for m in _TORCHVISION_MARKERS[name] if (root / m).exists()]
     if download or markers:
         return markers, lambda split: _torchvision(name, root, split, download=download)
@@ -164,17 +165,14 @@ def _cache_name(name: str, split: str, files: list[Path]) -> str:
 def check_available(name: str, root: Optional[str], download: bool) -> None:
     """Raise DataError, saying where the files are expected and how to get them, when the data set
     cannot be read or fetched."""
-    how = (
-        "Set data.root=PATH (or the FEDLORA_DATA environment variable) to a folder holding "
-        f"{_EXPECTED[name]}; or add data.download=true to fetch it with torchvision (needs internet)."
-    )
+    how = f"Set data.root=PATH (or the FEDLORA_DATA environment variable) to a folder holding {_EXPECTED[name]}"
+    how += "." if DATASETS[name].text else "; or add data.download=true to fetch it with torchvision (needs internet)."
     if root is None:
         if download:
             raise DataError("data.download=true needs a data.root to download into. " + how)
         raise DataError(f"no data root is set for dataset '{name}'. " + how)
     path = Path(root)
     if DATASETS[name].text:
-        how = f"Set data.root=PATH (or the FEDLORA_DATA environment variable) to a folder holding {_EXPECTED[name]}."
         if not ((path / "agnews" / "dev.tsv").is_file() and (path / "agnews" / "test.tsv").is_file()):
             raise DataError(f"dataset '{name}' not found under {path}. " + how)
         return
@@ -242,15 +240,25 @@ def _load_text(cfg, split: str) -> Split:
     return Split(tokenize(texts, model_path(cfg.model.hf), cfg.model.max_length, cache, source), labels)
 
 
+def has_dataset(name: str, root: Optional[str]) -> bool:
+    """Whether the data set can be read under root as it is (no download)."""
+    try:
+        check_available(name, root, download=False)
+    except DataError:
+        return False
+    return True
+
+
+def load_full(cfg, split: str) -> Split:
+    """A whole split of the config's data set under cfg.data.root."""
+    if DATASETS[cfg.dataset.name].text:
+        return _load_text(cfg, split)
+    return load_split(cfg.dataset.name, cfg.data.root, split, cfg.data.download, cfg.data.cache_dir)
+
+
 def load_train_test(cfg) -> tuple[Split, Split]:
     """The training and test splits a run uses, with the config's seeded subsets applied."""
-    if DATASETS[cfg.dataset.name].text:
-        train, test = _load_text(cfg, "train"), _load_text(cfg, "test")
-    else:
-        root = cfg.data.root
-        cache = cfg.data.cache_dir
-        train = load_split(cfg.dataset.name, root, "train", cfg.data.download, cache)
-        test = load_split(cfg.dataset.name, root, "test", cfg.data.download, cache)
+    train, test = load_full(cfg, "train"), load_full(cfg, "test")
     tr = subset_indices(len(train.labels), cfg.data.train_samples, cfg.seed)
     te = subset_indices(len(test.labels), cfg.data.test_samples, cfg.seed + 1)
     if len(tr) < len(train.labels):

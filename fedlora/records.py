@@ -66,9 +66,15 @@ class RunRecorder:
             self._board.add_scalar("test/loss", loss, 0)
             self._board.flush()
 
-    def write_partitions(self, histogram: list[list[int]]) -> None:
+    def write_partitions(self, histogram: list[list[int]], own_examples: dict[int, int] | None = None) -> None:
+        """The class counts of each client's partition; a deployed node with its own data (own_examples:
+        partition id -> its number of examples) has its size and no class counts."""
+        own = own_examples or {}
+        counts = [None if i in own else h for i, h in enumerate(histogram)]
         data = {"num_clients": len(histogram), "partition": OmegaConf.to_container(self.cfg.partition),
-                "seed": self.cfg.seed, "class_counts": histogram, "sizes": [sum(h) for h in histogram]}
+                "seed": self.cfg.seed, "class_counts": counts,
+                "sizes": [own[i] if i in own else sum(h) for i, h in enumerate(histogram)],
+                "own_data": sorted(own)}
         (self.dir / "partitions.json").write_text(json.dumps(data))
 
     def record_round(self, row: dict[str, Any]) -> None:

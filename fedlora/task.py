@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fedlora.adapters import adapters, freeze_a, inject_adapters, make_adapter, reset_adapters
-from fedlora.data import DATASETS, Split, load_train_test, to_tensors
+from fedlora.data import DATASETS, Split, load_full, load_train_test, to_tensors
+from fedlora.errors import DataError
 from fedlora.hf import load_sequence_classifier
 from fedlora.text import TextClassifier
 from fedlora.decompose import KINDS, KronShape, Plan, decompose, fold_updates, frozen_keys, plan_sizes, reset_factors
@@ -57,6 +58,31 @@ def _client_tensors(key: str, partition_id: int) -> tuple[torch.Tensor, torch.Te
 def client_tensors(cfg: DictConfig, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A client's normalised training tensors, kept in memory between rounds."""
     return _client_tensors(_data_key(cfg), partition_id)
+
+
+@lru_cache(maxsize=2)
+def _local_tensors(key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = OmegaConf.create(json.loads(key))
+    name = cfg.dataset.name
+    try:
+        x, y = to_tensors(load_full(cfg, "train"), name)
+    except DataError as e:
+        raise DataError(f"local-data {cfg.data.root}: {e}") from e
+    num_classes, want = DATASETS[name].num_classes, DATASETS[name].shape
+    if len(y) == 0 or int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise DataError(f"local-data {cfg.data.root}: {len(y)} examples, labels must be 0..{num_classes - 1}")
+    if want is not None and tuple(x.shape[1:]) != tuple(want):
+        raise DataError(f"local-data {cfg.data.root}: inputs of shape {tuple(x.shape[1:])}, '{name}' has {tuple(want)}")
+    return x, y
+
+
+def local_tensors(cfg: DictConfig, root: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deployed node's own training data: the whole training split under `root` (a folder laid out
+    like a data root: Fashion-MNIST's IDX files, CIFAR's or SVHN's train.npz, AG News's dev.tsv), not a
+    partition of a shared one. Its labels and input shape are checked against the data set's."""
+    cfg = copy.deepcopy(cfg)
+    cfg.data.root, cfg.data.download = str(root), False
+    return _local_tensors(_data_key(cfg))
 
 
 def test_tensors(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:

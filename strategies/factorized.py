@@ -105,11 +105,14 @@ class FactorizedStrategy(FedAvgStrategy):
             self.ledger.sent(msg)
             messages.append(msg)
         acked = 0
-        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.simulation.round_timeout):
+        replies = self.grid.send_and_receive(messages, timeout=self.cfg.simulation.round_timeout)
+        node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # set as sent
+        for reply in replies:
             self.ledger.received(reply)
             if reply.has_error():
                 log.warning("round %d: node %d did not apply the update: %s", server_round,
-                            reply.metadata.src_node_id, reply.error.reason)
+                            node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id),
+                            reply.error.reason)
             else:
                 acked += 1
         if acked < len(messages):

@@ -46,6 +46,7 @@ class FedAvgStrategy(Strategy):
         self.round_stats: dict[int, dict] = {}
         self.expected: Spec = {}  # this round's arrays: key -> (shape, dtype)
         self.sampled: list[int] = []  # this round's partition ids
+        self.sent: list[tuple[Message, int]] = []  # this round's messages, with their partition ids
 
     # --- sampling ---------------------------------------------------------------------------------
     def sample(self, server_round: int) -> list[int]:
@@ -89,13 +90,13 @@ class FedAvgStrategy(Strategy):
         self.round_stats[server_round] = {"started": time.time()}
         down, extra, self.expected = self.round_payload(server_round, arrays)
         self.sampled = self.sample(server_round)
-        messages = []
+        self.sent = []  # a message's id is set when the grid pushes it
         for pid in self.sampled:
             msg = Message(self.client_content(server_round, pid, down, extra), dst_node_id=self.node_of_partition[pid],
                           message_type=MessageType.TRAIN, group_id=str(server_round))
             self.ledger.sent(msg)
-            messages.append(msg)
-        return messages
+            self.sent.append((msg, pid))
+        return [msg for msg, _ in self.sent]
 
     # --- replies ----------------------------------------------------------------------------------
     def accept(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, TrainReply]]:
@@ -103,11 +104,16 @@ class FedAvgStrategy(Strategy):
         Raises FedloraError when every client of the round failed outright (an error, not a bad
         reply): the same failure would repeat every round."""
         partition_of_node = {n: p for p, n in self.node_of_partition.items()}
+        # an error that the SuperLink makes for a node that went away comes from the SuperLink itself:
+        # whose it is, the message it replies to says (the grid set each message's id as it sent it;
+        # messages never sent through a grid, in unit tests, have none, and the node id tells)
+        partition_of_message = {m.metadata.message_id: p for m, p in self.sent if m.metadata.message_id}
         accepted: dict[int, TrainReply] = {}
         rejected, errors = 0, []
         for msg in replies:
             self.ledger.received(msg)
-            pid = partition_of_node.get(msg.metadata.src_node_id, -1)
+            pid = partition_of_message.get(msg.metadata.reply_to_message_id,
+                                           partition_of_node.get(msg.metadata.src_node_id, -1))
             try:
                 if msg.has_error():
                     errors.append(msg.error.reason)

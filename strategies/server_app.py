@@ -1,22 +1,24 @@
 """The fedlora ServerApp: the same code under the simulation launcher and under `flwr run`.
 
 Its run config carries either `fedlora-config` (a resolved config as JSON, what `fedlora-sim` passes)
-or `overrides` (Hydra overrides, space-separated, composed here on `conf/config.yaml`), and
-optionally `run-dir`, where the records go.
+or `config-name` and `overrides` (Hydra overrides as on fedlora-sim's command line, composed here on
+`conf/<config-name>.yaml`: what `flwr run` passes, see [tool.flwr.app.config] in pyproject.toml), and
+`run-dir`, where the records go (empty: outputs/flwr/<date>/<time>-run<id> in the working directory).
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import threading
 import time
 from pathlib import Path
 
-from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from fedlora.config import compose, from_json, resolve
+from fedlora.config import compose, from_json, resolve, to_json
 from fedlora.data import DATASETS
 from fedlora.errors import FedloraError, RunInterrupted
 from fedlora.ledger import Ledger
@@ -66,36 +68,71 @@ class StoppableGrid:
 def config_from_run_config(run_config) -> DictConfig:
     if "fedlora-config" in run_config:
         return from_json(str(run_config["fedlora-config"]))
-    return resolve(compose(str(run_config.get("overrides", "")).split()))
+    try:
+        overrides = shlex.split(str(run_config.get("overrides", "")))
+    except ValueError as e:
+        raise FedloraError(f"run config 'overrides' cannot be split into Hydra overrides: {e}") from e
+    return resolve(compose(overrides, str(run_config.get("config-name") or "config")))
 
 
-def discover_partitions(grid: Grid, cfg: DictConfig, timeout: float) -> dict[int, int]:
+def run_dir_of(context: Context) -> Path:
+    given = str(context.run_config.get("run-dir") or "")
+    if given:
+        return Path(given).expanduser().resolve()
+    now = time.localtime()
+    return Path("outputs", "flwr", time.strftime("%Y-%m-%d", now),
+                f"{time.strftime('%H-%M-%S', now)}-run{context.run_id}").resolve()
+
+
+def discover_partitions(grid: Grid, cfg: DictConfig, timeout: float) -> tuple[dict[int, int], dict[int, int]]:
     """Ask every connected node for its partition id: sampling is done over partition ids, so that it
-    does not depend on the node ids that a run happens to assign."""
+    does not depend on the node ids that a run happens to assign. Returns {partition id: node id} and,
+    for the nodes that train on their own data, {partition id: their number of examples}."""
     nodes = list(grid.get_node_ids())
-    queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    config = ConfigRecord({"fedlora.config": to_json(cfg)})
+    queries = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     node_of_partition: dict[int, int] = {}
-    for reply in grid.send_and_receive(queries, timeout=timeout):
-        node = reply.metadata.src_node_id
+    own_examples: dict[int, int] = {}
+    replies = grid.send_and_receive(queries, timeout=timeout)
+    # the grid sets each message's id as it sends it; the SuperLink answers for an unreachable node itself
+    node_of_message = {q.metadata.message_id: q.metadata.dst_node_id for q in queries}
+    for reply in replies:
+        node = node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
             log.warning("node %d did not say its partition: %s", node, reply.error.reason)
             continue
-        pid = int(reply.content["info"]["partition-id"])
+        info = reply.content["info"]
+        pid = int(info["partition-id"])
+        if "num-partitions" in info and int(info["num-partitions"]) != cfg.num_clients:
+            raise FedloraError(f"node {node} was started with num-partitions={info['num-partitions']}, the run has "
+                               f"num_clients={cfg.num_clients}: they must agree")
         if not 0 <= pid < cfg.num_clients:
             raise FedloraError(f"node {node} holds partition {pid}, outside 0..{cfg.num_clients - 1}: "
                                "num_clients must match the nodes' num-partitions")
         if pid in node_of_partition:
             raise FedloraError(f"two nodes ({node_of_partition[pid]}, {node}) hold partition {pid}")
         node_of_partition[pid] = node
+        if "num-examples" in info:
+            if int(info["num-examples"]) < 1:
+                raise FedloraError(f"node {node} (partition {pid}) has no examples in its local-data")
+            own_examples[pid] = int(info["num-examples"])
     if len(node_of_partition) < cfg.clients_per_round:
         raise FedloraError(f"only {len(node_of_partition)} nodes answered; clients_per_round is "
                            f"{cfg.clients_per_round}")
-    return node_of_partition
+    if len(node_of_partition) < cfg.num_clients:
+        missing = sorted(set(range(cfg.num_clients)) - set(node_of_partition))
+        log.warning("%d of %d partitions have a node; rounds sample among those only (missing: %s). A node that "
+                    "joins later is not used in this run.", len(node_of_partition), cfg.num_clients, missing)
+    if own_examples:
+        log.info("%d nodes answered; partitions %s train on their own data", len(node_of_partition), sorted(own_examples))
+    return node_of_partition, own_examples
 
 
 def run(grid: Grid, cfg: DictConfig, recorder: RunRecorder) -> None:
     train, _, parts = federated_data(cfg)
-    recorder.write_partitions(class_histogram(train.labels, parts, DATASETS[cfg.dataset.name].num_classes))
+    node_of_partition, own_examples = discover_partitions(grid, cfg, cfg.simulation.round_timeout)
+    recorder.write_partitions(class_histogram(train.labels, parts, DATASETS[cfg.dataset.name].num_classes),
+                              own_examples)
     model, device = initial_model(cfg), pick_device()
     x_test, y_test = test_tensors(cfg)
     timeout = cfg.simulation.round_timeout
@@ -109,8 +146,8 @@ def run(grid: Grid, cfg: DictConfig, recorder: RunRecorder) -> None:
         if not ratio["within_5_percent"]:
             log.warning("compression ratio %.4f is not within 5%% of the target %g: %s", ratio["achieved"],
                         ratio["target"], ratio["note"])
-    strategy = STRATEGIES[cfg.method.strategy](cfg, discover_partitions(grid, cfg, timeout), ledger,
-                                           examples_of_partition={i: len(p) for i, p in enumerate(parts)})
+    strategy = STRATEGIES[cfg.method.strategy](cfg, node_of_partition, ledger,
+                                           examples_of_partition={i: len(p) for i, p in enumerate(parts)} | own_examples)
 
     def evaluate_fn(server_round: int, arrays) -> MetricRecord:
         acc, loss = evaluate(strategy.load_global(model, arrays), x_test, y_test, cfg.eval.batch_size, device)
@@ -144,10 +181,16 @@ def run(grid: Grid, cfg: DictConfig, recorder: RunRecorder) -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = config_from_run_config(context.run_config)
+    setup_logging()
+    try:
+        cfg = config_from_run_config(context.run_config)
+    except FedloraError as e:  # a user's mistake in the run config: say it plainly in the run's log
+        log.error("fedlora: error: %s", e)
+        raise
     setup_logging(cfg.verbose)
-    run_dir = Path(str(context.run_config.get("run-dir") or f"outputs/run-{time.strftime('%Y%m%d-%H%M%S')}"))
+    run_dir = run_dir_of(context)
     recorder = RunRecorder(run_dir, cfg, Ledger())
+    log.info("records in %s", run_dir)
     try:
         run(StoppableGrid(grid), cfg, recorder)
     except BaseException as e:

@@ -121,3 +121,11 @@ def test_server_app_reads_the_same_config_from_json_or_overrides():
     cfg = resolved("num_clients=7", "partition=iid")
     assert config_from_run_config({"fedlora-config": to_json(cfg)}) == cfg
     assert config_from_run_config({"overrides": "num_clients=7 partition=iid"}) == cfg
+    # as `flwr run` passes them: the config name, and overrides quoted as on a shell command line
+    quoted = resolved("num_clients=7", "partition=iid", "data.cache_dir=/tmp/two words")
+    assert config_from_run_config({"config-name": "config",
+                                   "overrides": "num_clients=7 partition=iid 'data.cache_dir=/tmp/two words'"}) == quoted
+    with pytest.raises(FedloraError, match="cannot be split"):
+        config_from_run_config({"overrides": "data.cache_dir='unclosed"})
+    with pytest.raises(ConfigError):
+        config_from_run_config({"config-name": "nosuchconfig", "overrides": ""})

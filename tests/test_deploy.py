@@ -1,0 +1,291 @@
+"""Deployment: a real `flower-superlink` with TLS and SuperNode authentication on 127.0.0.1, two real
+`flower-supernode` processes, and `flwr run` of this project, as docs/deploy.md tells a user to do.
+Every process is started in its own session and stopped by its id (its whole process group, so the
+ServerApp and ClientApp processes that Flower spawns go with it), with bounded waits."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SMALL, _free_port
+from fedlora.certs import make_node_keys, make_tls
+from fedlora.config import compose, resolve
+from fedlora.simulation import run_simulation
+
+BIN = Path(sys.executable).parent
+CONNECTION = "fedlora-test"
+OVERRIDES = ["num_clients=2", "clients_per_round=2", "num_rounds=2", "data.train_samples=1200",
+             "data.test_samples=500", "local.batch_size=32", "method=fedmud_bkd_aad"]
+
+
+class Processes:
+    """The processes a test started; stop() ends each one's process group: SIGTERM, at most 20 s,
+    then SIGKILL."""
+
+    def __init__(self, env: dict, logs: Path):
+        self.env, self.logs, self.started = env, logs, []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                env=self.env, cwd=self.logs, start_new_session=True)
+        self.started.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def run(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=self.env,
+                              cwd=self.logs, timeout=timeout)
+
+    def stop(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.started:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=20)
+        for proc in self.started:  # the children of a leader that exited on its own
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"nothing listens on {port} after {timeout} s")
+
+
+def nodes(procs: Processes) -> list[dict]:
+    out = procs.run("flwr", "supernode", "ls", CONNECTION, "--format", "json", timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)["nodes"]
+
+
+def online_nodes(procs: Processes) -> list[dict]:
+    return [n for n in nodes(procs) if n["status"] == "online"]
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, cache_dir):
+    """A SuperLink with TLS and SuperNode authentication, two registered SuperNodes holding
+    partitions 0 and 1, and a Flower config (in a temporary FLWR_HOME) naming the SuperLink."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    tls = make_tls(["127.0.0.1"], tmp / "certs")
+    keys = make_node_keys(["node-0", "node-1", "node-2", "stranger"], tmp / "keys")
+    port = _free_port()
+    home = tmp / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{tls["ca"]}"\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    procs = Processes(env, tmp)
+    try:
+        link = procs.start("superlink", "flower-superlink", "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile",
+                           str(tls["key"]), "--ssl-ca-certfile", str(tls["ca"]), "--host", "127.0.0.1",
+                           "--port", str(port), "--enable-supernode-auth", "--disable-runtime-dependency-installation")
+        wait_for_port(port, link)
+        for name in ("node-0", "node-1"):
+            out = procs.run("flwr", "supernode", "register", str(keys[name][1]), CONNECTION, timeout=60)
+            assert out.returncode == 0, out.stdout + out.stderr
+        for i in (0, 1):
+            procs.start(f"node-{i}", "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+                        str(tls["ca"]), "--auth-supernode-private-key", str(keys[f"node-{i}"][0]),
+                        "--node-config", f"partition-id={i} num-threads=1",
+                        "--port", str(_free_port()))
+        deadline = time.time() + 60
+        while len(online_nodes(procs)) < 2:
+            if time.time() > deadline:
+                pytest.fail("the SuperNodes did not come online:\n" + procs.log("node-0")[-2000:])
+            time.sleep(1)
+        yield {"procs": procs, "port": port, "tls": tls, "keys": keys, "tmp": tmp}
+    finally:
+        procs.stop()
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_flwr_run_writes_the_same_records_as_the_simulation(federation, ray_address, tmp_path):
+    procs = federation["procs"]
+    run_dir = tmp_path / "deployed"
+    overrides = " ".join(OVERRIDES)
+    out = procs.run("flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config",
+                    f'overrides="{overrides}" run-dir="{run_dir}"', timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "round 2/2" in out.stdout  # progress streams back to the user's terminal
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    deployed = rows(run_dir)
+    per_client = summary["compression"]["uplink_bytes_per_client"]
+    assert [r["bytes_up"] for r in deployed] == [2 * per_client] * 2  # only the trained factors came back
+    assert all(r["num_clients"] == 2 and r["rejected"] == 0 for r in deployed)
+    assert sum(json.loads((run_dir / "partitions.json").read_text())["sizes"]) == 1200
+
+    # the same overrides in simulation: the same config, the same rounds, the same bytes
+    cfg = resolve(compose([*OVERRIDES, f"simulation.ray_address={ray_address}"]))
+    run_simulation(cfg, tmp_path / "simulated")
+    simulated = rows(tmp_path / "simulated")
+    for d, s in zip(deployed, simulated, strict=True):
+        for key in ("round", "num_clients", "bytes_up", "bytes_down", "test_accuracy"):
+            assert d[key] == s[key], key
+        assert d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)
+
+
+def test_a_bad_run_config_is_reported_plainly(federation, tmp_path):
+    out = federation["procs"].run("flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config",
+                                  f'overrides="method=nosuchmethod" run-dir="{tmp_path}/bad"', timeout=300)
+    assert "fedlora: error:" in out.stdout + out.stderr and "nosuchmethod" in out.stdout + out.stderr
+
+
+def test_unregistered_or_untrusting_supernodes_cannot_join(federation, tmp_path):
+    procs, port = federation["procs"], federation["port"]
+    known = {n["node-id"] for n in nodes(procs)}
+    other_ca = make_tls(["127.0.0.1"], tmp_path / "other")["ca"]
+    common = ["--superlink", f"127.0.0.1:{port}", "--max-retries", "1", "--max-wait-time", "10",
+              "--node-config", "partition-id=1"]
+    # a valid certificate chain but a key the SuperLink never registered
+    stranger = procs.start("stranger", "flower-supernode", *common, "--root-certificates", str(federation["tls"]["ca"]),
+                           "--auth-supernode-private-key", str(federation["keys"]["stranger"][0]),
+                           "--port", str(_free_port()))
+    # a registered key, but it does not trust the SuperLink's certificate authority
+    untrusting = procs.start("untrusting", "flower-supernode", *common, "--root-certificates", str(other_ca),
+                             "--auth-supernode-private-key", str(federation["keys"]["node-1"][0]),
+                             "--port", str(_free_port()))
+    for proc in (stranger, untrusting):
+        assert proc.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in procs.log("stranger")
+    assert "CERTIFICATE_VERIFY_FAILED" in procs.log("untrusting")
+    assert {n["node-id"] for n in nodes(procs)} == known  # nobody new got in
+
+
+def test_a_node_with_its_own_data_joins_then_drops_out(federation, tmp_path):
+    """A third device, registered while the others run, trains on its own 300 images: the server
+    learns their number, not their labels, and weighs its reply by it. Killed once round 1 is in, it
+    is answered for by the SuperLink with an error: the server counts it rejected, names it, and
+    aggregates the others."""
+    procs, port = federation["procs"], federation["port"]
+    src = Path(os.environ["FEDLORA_DATA"]) / "fashion-mnist"
+    own = tmp_path / "own" / "fashion-mnist"
+    own.mkdir(parents=True)
+    n = 300  # the first 300 training images, in the IDX format of the shared copy
+    images = gzip.decompress((src / "train-images-idx3-ubyte.gz").read_bytes())[:16 + n * 784]
+    labels = gzip.decompress((src / "train-labels-idx1-ubyte.gz").read_bytes())[:8 + n]
+    (own / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(images))
+    (own / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+    out = procs.run("flwr", "supernode", "register", str(federation["keys"]["node-2"][1]), CONNECTION, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    node_2 = procs.start("node-2", "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+                         str(federation["tls"]["ca"]), "--auth-supernode-private-key",
+                         str(federation["keys"]["node-2"][0]), "--node-config",
+                         f'partition-id=2 num-partitions=3 num-threads=1 local-data="{tmp_path / "own"}"',
+                         "--port", str(_free_port()))
+    deadline = time.time() + 60
+    while len(online_nodes(procs)) < 3:
+        assert time.time() < deadline, procs.log("node-2")[-2000:]
+        time.sleep(1)
+    try:
+        # it was told of 3 partitions: a run of 4 stops before the first round, and says why
+        out = procs.run("flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config",
+                        f'overrides="num_clients=4 clients_per_round=3" run-dir="{tmp_path}/mismatch"', timeout=300)
+        assert "num-partitions=3, the run has num_clients=4" in out.stdout + out.stderr
+
+        run_dir = tmp_path / "run"
+        overrides = "num_clients=3 clients_per_round=3 num_rounds=3 data.train_samples=900 data.test_samples=500"
+        run = subprocess.Popen([str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--stream", "--run-config",
+                                f'overrides="{overrides}" run-dir="{run_dir}"'], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=procs.env, start_new_session=True)
+        procs.started.append(run)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in run.stdout], daemon=True).start()
+        seen = ""
+        deadline = time.time() + 300
+        while "round 1/3" not in seen:
+            assert time.time() < deadline and run.poll() is None, seen[-3000:]
+            try:
+                seen += lines.get(timeout=1)
+            except queue.Empty:
+                pass
+        os.killpg(node_2.pid, signal.SIGKILL)
+        assert run.wait(timeout=300) == 0
+        while not lines.empty():
+            seen += lines.get()
+    finally:
+        if node_2.poll() is None:
+            os.killpg(node_2.pid, signal.SIGKILL)
+    parts = json.loads((run_dir / "partitions.json").read_text())
+    assert parts["own_data"] == [2] and parts["sizes"][2] == n and parts["class_counts"][2] is None
+    assert parts["class_counts"][0] is not None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 3
+    metrics = [(r["num_clients"], r["rejected"]) for r in rows(run_dir)]
+    assert metrics[0] == (3, 0)  # its reply claimed its own 300 examples and was taken
+    assert metrics[-1] == (2, 1) and all(a + r == 3 for a, r in metrics)  # round 2 may have beaten the kill
+    assert "rejected the reply of client 2" in seen and "Node Unavailable" in seen, seen[-3000:]
+
+
+def test_virtual_clients_spread_over_a_ray_cluster(tmp_path):
+    """`ray start --head` offering no CPU, and a worker joining it with two: a run given the head's
+    address can only place its virtual clients on the worker, as on a cluster of machines."""
+    ray = str(BIN / "ray")
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    temp_dir = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    common = ["--block", "--disable-usage-stats"]
+    started = [subprocess.Popen([ray, "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                                 f"--temp-dir={temp_dir}", *common], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)]
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([ray, "status", f"--address={address}"], capture_output=True).returncode != 0:
+            assert started[0].poll() is None and time.time() < deadline, "the Ray head did not start"
+            time.sleep(1)
+        started.append(subprocess.Popen([ray, "start", f"--address={address}", "--num-cpus=2", *common],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        while "2.0 CPU" not in subprocess.run([ray, "status", f"--address={address}"], capture_output=True,
+                                              text=True).stdout:
+            assert started[1].poll() is None and time.time() < deadline, "the Ray worker did not join"
+            time.sleep(1)
+        run_dir = tmp_path / "run"
+        out = subprocess.run([str(BIN / "fedlora-sim"), *SMALL, f"simulation.ray_address={address}",
+                              f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    finally:
+        for proc in started[::-1]:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
