@@ -26,10 +26,11 @@ class DatasetConfig:
 @dataclass
 class ModelConfig:
     # a name in fedlora.models.MODELS or fedlora.hf.PRETRAINED, or "auto": the dataset's own model
+    # ("hf" after resolving, when model.hf alone names a pretrained model)
     name: str = MISSING
     hf: Optional[str] = None  # pretrained models: a Hugging Face Hub id or a local path (null: the preset's)
     num_layers: Optional[int] = None  # pretrained models: keep only the first layers (quick tests)
-    max_length: Optional[int] = None  # pretrained models: tokens per text (null: the preset's)
+    max_length: Optional[int] = None  # pretrained text models: tokens per text (null: the preset's)
 
 
 @dataclass
@@ -151,9 +152,12 @@ def _at_least(cfg: DictConfig, key: str, low: float, strict: bool = False) -> No
 
 
 def _validate_pretrained(cfg: DictConfig, info) -> None:
-    if not info.text:
-        raise ConfigError(f"model '{cfg.model.name}' is a pretrained text model; dataset '{cfg.dataset.name}' "
-                          "holds images")
+    if cfg.model.name == "minilm" and not info.text:
+        raise ConfigError(f"model 'minilm' is a pretrained text model; dataset '{cfg.dataset.name}' holds images "
+                          "(model=vit, or model.hf=ID_OR_PATH of an image classifier)")
+    if cfg.model.name == "vit" and info.text:
+        raise ConfigError(f"model 'vit' is a pretrained image model; dataset '{cfg.dataset.name}' is text "
+                          "(model=minilm, or model.hf=ID_OR_PATH of a sequence classifier)")
     a = cfg.adapter
     if a is None:
         raise ConfigError("a pretrained model is fine-tuned through adapters: add adapter=lora (or lora_nonzero, bora)")
@@ -172,7 +176,8 @@ def _validate_pretrained(cfg: DictConfig, info) -> None:
     if cfg.method.factorization is not None:
         raise ConfigError(f"method={cfg.method.name} factorizes a model trained from scratch; for a pretrained "
                           "model choose method=fedit, ffa_lora or lora_fair")
-    _at_least(cfg, "model.max_length", 1)
+    if info.text:
+        _at_least(cfg, "model.max_length", 1)
 
 
 def _validate_method(method: DictConfig, strategies) -> None:
@@ -309,7 +314,8 @@ def resolve(cfg: DictConfig) -> DictConfig:
     except OmegaConfBaseException as e:
         raise ConfigError(str(e).splitlines()[0]) from e
     if cfg.model.name == "auto" and cfg.dataset.name in DATASETS:
-        cfg.model.name = DATASETS[cfg.dataset.name].default_model
+        # model.hf alone names a pretrained model: the records say "hf", not the paper's CNN
+        cfg.model.name = "hf" if cfg.model.hf is not None else DATASETS[cfg.dataset.name].default_model
     for key, value in PRETRAINED.get(cfg.model.name, {}).items():
         if cfg.model[key] is None:
             cfg.model[key] = value

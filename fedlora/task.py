@@ -17,7 +17,7 @@ from torch import nn
 from fedlora.adapters import adapters, freeze_a, inject_adapters, make_adapter, reset_adapters
 from fedlora.data import DATASETS, Split, load_full, load_train_test, to_tensors
 from fedlora.errors import DataError
-from fedlora.hf import load_sequence_classifier
+from fedlora.hf import image_classifier, load_classifier
 from fedlora.text import TextClassifier
 from fedlora.decompose import KINDS, KronShape, Plan, decompose, fold_updates, frozen_keys, plan_sizes, reset_factors
 from fedlora.models import build_model
@@ -91,8 +91,8 @@ def test_tensors(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @lru_cache(maxsize=2)
-def _pretrained(hf: str, num_labels: int, seed: int, num_layers: int | None) -> nn.Module:
-    return load_sequence_classifier(hf, num_labels, seed, num_layers)
+def _pretrained(hf: str, num_labels: int, seed: int, num_layers: int | None, image: bool) -> nn.Module:
+    return load_classifier(hf, num_labels, seed, num_layers, image)
 
 
 def dense_model(cfg: DictConfig) -> nn.Module:
@@ -100,7 +100,9 @@ def dense_model(cfg: DictConfig) -> nn.Module:
     per process) with a seeded classifier head."""
     num_classes, seed = DATASETS[cfg.dataset.name].num_classes, derive_seed(cfg.seed, "model-init")
     if cfg.adapter is not None:
-        return TextClassifier(copy.deepcopy(_pretrained(cfg.model.hf, num_classes, seed, cfg.model.num_layers)))
+        info = DATASETS[cfg.dataset.name]
+        hf = copy.deepcopy(_pretrained(cfg.model.hf, num_classes, seed, cfg.model.num_layers, not info.text))
+        return TextClassifier(hf) if info.text else image_classifier(hf, cfg.model.hf, info.mean, info.std)
     return build_model(cfg.model.name, num_classes, seed)
 
 

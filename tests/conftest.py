@@ -75,3 +75,20 @@ def ray_address(cache_dir):
 
 SMALL = ["num_clients=4", "clients_per_round=2", "num_rounds=2", "data.train_samples=1200",
          "data.test_samples=500", "local.batch_size=32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory):
+    """A small Vision Transformer checkpoint (random weights, ImageNet's 1000-class head, an image
+    processor normalising to [-1, 1]) saved as a Hugging Face model folder: what `model.hf=PATH` loads,
+    without a model hub."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    path = tmp_path_factory.mktemp("tiny-vit")
+    config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, num_labels=1000)
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(str(path))
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(str(path))
+    return str(path)

@@ -34,7 +34,7 @@ def test_model_defaults_to_the_papers_model_for_the_dataset(tmp_path):
 
 @pytest.mark.parametrize("overrides, words", [
     (["dataset.name=mnist"], ["unknown dataset 'mnist'", "cifar10", "fmnist"]),
-    (["model.name=vit"], ["unknown model 'vit'", "resnet18", "vgg_cifar"]),
+    (["model.name=swin"], ["unknown model 'swin'", "resnet18", "vgg_cifar", "vit"]),
     (["method.strategy=fedfoo"], ["unknown method.strategy 'fedfoo'", "factorized, fedavg"]),
     (["method=fedmud", "method.strategy=fedavg"], ["does not go with method.factorization=lowrank"]),
     (["method=fedmud", "method.factorization=svd"], ["unknown method.factorization 'svd'", "aad_kronecker"]),
@@ -43,6 +43,9 @@ def test_model_defaults_to_the_papers_model_for_the_dataset(tmp_path):
     (["dataset=agnews"], ["fine-tuned through adapters", "adapter=lora"]),
     (["dataset=agnews", "model=fmnist_cnn"], ["dataset 'agnews' is text", "model=minilm"]),
     (["adapter=lora"], ["adapter=lora fine-tunes a pretrained model"]),
+    (["model=minilm", "adapter=lora"], ["'minilm' is a pretrained text model", "model=vit"]),
+    (["dataset=agnews", "model=vit", "adapter=lora"], ["'vit' is a pretrained image model", "model=minilm"]),
+    (["model=vit"], ["fine-tuned through adapters: add adapter=lora"]),
     (["dataset=agnews", "adapter=lora", "method=fedmud"], ["choose method=fedit, ffa_lora or lora_fair"]),
     (["method=ffa_lora"], ["method=ffa_lora aggregates adapters"]),
     (["dataset=agnews", "adapter=lora", "adapter.init=random"], ["adapter.init must be zero or nonzero"]),

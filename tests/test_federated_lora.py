@@ -93,3 +93,25 @@ def test_a_short_run_of_each_strategy(method, adapter, ray_address, tmp_path):
 
         assert (export / "config.json").is_file()
         AutoModelForSequenceClassification.from_pretrained(str(export))
+
+
+def test_a_short_run_fine_tunes_a_hugging_face_image_classifier(tiny_vit, ray_address, tmp_path):
+    """model.hf=PATH on an image data set: a ViT (here a tiny one) with LoRA on its attention, a new
+    10-class head, Fashion-MNIST resized and given three channels; the global adapter exported for PEFT."""
+    from peft import PeftModel
+
+    from fedlora.hf import ImageClassifier, load_classifier
+
+    cfg = resolve(compose([*SMALL, f"model.hf={tiny_vit}", "method=fedit", "adapter=lora", "adapter.r=4",
+                           f"simulation.ray_address={ray_address}"]))
+    assert cfg.model.name == "hf"
+    run_simulation(cfg, tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed" and len(rows) == 2
+    model = initial_model(cfg)
+    assert isinstance(model, ImageClassifier)
+    sent = sum(len(a.data) for a in model_to_arrays(model).values())
+    assert {n.rsplit(".", 2)[-2] for n in model_to_arrays(model) if "lora_" in n} == {"q_proj", "v_proj"}
+    assert all(r["num_clients"] == 2 and r["bytes_up"] == 2 * sent for r in rows)
+    loaded = PeftModel.from_pretrained(load_classifier(tiny_vit, 10, seed=7, image=True), str(tmp_path / "adapter"))
+    assert loaded(pixel_values=torch.randn(2, 3, 32, 32)).logits.shape == (2, 10)

@@ -1,18 +1,19 @@
-"""Pretrained models with adapters: the PEFT export of a trained LoRA loads to the same logits."""
+"""Pretrained models with adapters (text and image): the PEFT export of a trained LoRA loads to the same logits."""
 
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fedlora.adapters import LoRA, adapters, inject_adapters, reset_adapters
 from fedlora.errors import ConfigError, DataError
-from fedlora.hf import MINILM, export_peft_lora, load_sequence_classifier
+from fedlora.hf import MINILM, ImageClassifier, export_peft_lora, image_classifier, load_classifier
 
 
 def minilm(seed=3):
-    return load_sequence_classifier(MINILM, 4, seed=seed, num_layers=2)
+    return load_classifier(MINILM, 4, seed=seed, num_layers=2)
 
 
 def test_the_same_seed_draws_the_same_head():
@@ -45,7 +46,7 @@ def test_peft_export_round_trip_gives_the_same_logits(tmp_path):
 
 def test_a_missing_model_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot load model"):
-        load_sequence_classifier(str(tmp_path / "nowhere"), 4, seed=0)
+        load_classifier(str(tmp_path / "nowhere"), 4, seed=0)
 
 
 def test_agnews_is_read_tokenized_once_and_classified(tmp_path):
@@ -74,3 +75,36 @@ def test_agnews_is_read_tokenized_once_and_classified(tmp_path):
                           atol=1e-5)
     with pytest.raises(DataError, match="agnews/dev.tsv"):
         read_agnews(tmp_path, "train")
+
+
+def test_an_image_classifier_sees_the_images_as_its_processor_would(tiny_vit):
+    from fedlora.data import DATASETS
+
+    hf = load_classifier(tiny_vit, 10, seed=0, image=True)
+    assert hf.classifier.out_features == 10  # ImageNet's 1000-class head replaced, from the seed
+    assert torch.equal(hf.classifier.weight, load_classifier(tiny_vit, 10, seed=0, image=True).classifier.weight)
+    info = DATASETS["fmnist"]
+    model = image_classifier(hf, tiny_vit, info.mean, info.std).eval()
+    raw = torch.rand(3, 1, 28, 28)  # images on the 0..1 scale
+    x = (raw - info.mean[0]) / info.std[0]  # as fedlora's data loader normalises Fashion-MNIST
+    pixels = F.interpolate((raw.expand(-1, 3, -1, -1) - 0.5) / 0.5, size=(32, 32), mode="bilinear",
+                           align_corners=False)  # as the checkpoint's processor would, at its size
+    assert torch.allclose(model(x), hf(pixel_values=pixels).logits, atol=1e-5)
+    assert not {"scale", "shift"} & set(model.state_dict())  # the conversion never travels
+
+
+def test_image_peft_export_round_trip_gives_the_same_logits(tiny_vit, tmp_path):
+    from peft import PeftModel
+
+    hf = load_classifier(tiny_vit, 10, seed=0, image=True)
+    inject_adapters(hf, ["q_proj", "v_proj"], lambda b: LoRA(b, 4, 8), trainable=["classifier"])
+    reset_adapters(hf, 1)
+    with torch.no_grad():
+        for _, a in adapters(hf):
+            a.lora_B.normal_(0, 0.1)
+    pixels = torch.randn(2, 3, 32, 32)
+    ours = hf.eval()(pixel_values=pixels).logits
+    export_peft_lora(hf, tmp_path, load_classifier(tiny_vit, 10, seed=0, image=True), tiny_vit, ["q_proj", "v_proj"],
+                     ["classifier"], image=True)
+    loaded = PeftModel.from_pretrained(load_classifier(tiny_vit, 10, seed=5, image=True), str(tmp_path)).eval()
+    assert torch.allclose(ours, loaded(pixel_values=pixels).logits, atol=1e-5)
