@@ -98,9 +98,9 @@ def _pretrained(hf: str, num_labels: int, seed: int, num_layers: int | None, ima
 def dense_model(cfg: DictConfig) -> nn.Module:
     """The model before any factorization or adapter: drawn from the seed, or pretrained (read once
     per process) with a seeded classifier head."""
-    num_classes, seed = DATASETS[cfg.dataset.name].num_classes, derive_seed(cfg.seed, "model-init")
+    info, seed = DATASETS[cfg.dataset.name], derive_seed(cfg.seed, "model-init")
+    num_classes = info.num_classes
     if cfg.adapter is not None:
-        info = DATASETS[cfg.dataset.name]
         hf = copy.deepcopy(_pretrained(cfg.model.hf, num_classes, seed, cfg.model.num_layers, not info.text))
         return TextClassifier(hf) if info.text else image_classifier(hf, cfg.model.hf, info.mean, info.std)
     return build_model(cfg.model.name, num_classes, seed)

@@ -35,7 +35,7 @@ from fedlora.ledger import Ledger
 from fedlora.task import (APPLY_UPDATE, arrays_to_model, factor_seed, initial_model, model_to_arrays, start_round,
                           uplink_keys)
 from strategies.fedavg import FedAvgStrategy
-from strategies.validation import Spec, array_spec
+from strategies.validation import Spec, array_spec, node_of_reply
 
 log = logging.getLogger("fedlora")
 
@@ -105,14 +105,11 @@ class FactorizedStrategy(FedAvgStrategy):
             self.ledger.sent(msg)
             messages.append(msg)
         acked = 0
-        replies = self.grid.send_and_receive(messages, timeout=self.cfg.simulation.round_timeout)
-        node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # set as sent
-        for reply in replies:
+        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.simulation.round_timeout):
             self.ledger.received(reply)
             if reply.has_error():
                 log.warning("round %d: node %d did not apply the update: %s", server_round,
-                            node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id),
-                            reply.error.reason)
+                            node_of_reply(reply, messages), reply.error.reason)
             else:
                 acked += 1
         if acked < len(messages):

@@ -24,7 +24,7 @@ from fedlora.errors import FedloraError
 from fedlora.ledger import Ledger
 from fedlora.seeds import derive_seed
 from fedlora.task import arrays_to_model
-from strategies.validation import ReplyRejected, Spec, TrainReply, array_spec, parse_train_reply
+from strategies.validation import ReplyRejected, Spec, TrainReply, array_spec, node_of_reply, parse_train_reply
 
 log = logging.getLogger("fedlora")
 
@@ -46,7 +46,7 @@ class FedAvgStrategy(Strategy):
         self.round_stats: dict[int, dict] = {}
         self.expected: Spec = {}  # this round's arrays: key -> (shape, dtype)
         self.sampled: list[int] = []  # this round's partition ids
-        self.sent: list[tuple[Message, int]] = []  # this round's messages, with their partition ids
+        self.sent: list[Message] = []  # this round's messages
 
     # --- sampling ---------------------------------------------------------------------------------
     def sample(self, server_round: int) -> list[int]:
@@ -90,13 +90,11 @@ class FedAvgStrategy(Strategy):
         self.round_stats[server_round] = {"started": time.time()}
         down, extra, self.expected = self.round_payload(server_round, arrays)
         self.sampled = self.sample(server_round)
-        self.sent = []  # a message's id is set when the grid pushes it
-        for pid in self.sampled:
-            msg = Message(self.client_content(server_round, pid, down, extra), dst_node_id=self.node_of_partition[pid],
-                          message_type=MessageType.TRAIN, group_id=str(server_round))
+        self.sent = [Message(self.client_content(server_round, pid, down, extra), dst_node_id=self.node_of_partition[pid],
+                             message_type=MessageType.TRAIN, group_id=str(server_round)) for pid in self.sampled]
+        for msg in self.sent:
             self.ledger.sent(msg)
-            self.sent.append((msg, pid))
-        return [msg for msg, _ in self.sent]
+        return self.sent
 
     # --- replies ----------------------------------------------------------------------------------
     def accept(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, TrainReply]]:
@@ -104,16 +102,11 @@ class FedAvgStrategy(Strategy):
         Raises FedloraError when every client of the round failed outright (an error, not a bad
         reply): the same failure would repeat every round."""
         partition_of_node = {n: p for p, n in self.node_of_partition.items()}
-        # an error that the SuperLink makes for a node that went away comes from the SuperLink itself:
-        # whose it is, the message it replies to says (the grid set each message's id as it sent it;
-        # messages never sent through a grid, in unit tests, have none, and the node id tells)
-        partition_of_message = {m.metadata.message_id: p for m, p in self.sent if m.metadata.message_id}
         accepted: dict[int, TrainReply] = {}
         rejected, errors = 0, []
         for msg in replies:
             self.ledger.received(msg)
-            pid = partition_of_message.get(msg.metadata.reply_to_message_id,
-                                           partition_of_node.get(msg.metadata.src_node_id, -1))
+            pid = partition_of_node.get(node_of_reply(msg, self.sent), -1)
             try:
                 if msg.has_error():
                     errors.append(msg.error.reason)

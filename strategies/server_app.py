@@ -29,6 +29,7 @@ from fedlora.seeds import derive_seed
 from fedlora.task import compression, federated_data, initial_model, model_to_arrays, test_tensors
 from fedlora.training import evaluate, pick_device
 from strategies import STRATEGIES
+from strategies.validation import node_of_reply
 
 log = logging.getLogger("fedlora")
 
@@ -93,11 +94,8 @@ def discover_partitions(grid: Grid, cfg: DictConfig, timeout: float) -> tuple[di
     queries = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     node_of_partition: dict[int, int] = {}
     own_examples: dict[int, int] = {}
-    replies = grid.send_and_receive(queries, timeout=timeout)
-    # the grid sets each message's id as it sends it; the SuperLink answers for an unreachable node itself
-    node_of_message = {q.metadata.message_id: q.metadata.dst_node_id for q in queries}
-    for reply in replies:
-        node = node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        node = node_of_reply(reply, queries)
         if reply.has_error():
             log.warning("node %d did not say its partition: %s", node, reply.error.reason)
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 
 Spec = dict[str, tuple[tuple[int, ...], str]]
 
@@ -19,6 +19,16 @@ class TrainReply:
     arrays: dict[str, np.ndarray]
     num_examples: int
     train_loss: float
+
+
+def node_of_reply(reply: Message, sent: list[Message]) -> int:
+    """The node a reply stands for. An error that the SuperLink makes for a node that went away comes
+    from the SuperLink itself: whose it is, the message it replies to says (the grid sets each message's
+    id as it sends it; a message never sent through a grid, in unit tests, has none, and the sender tells)."""
+    for m in sent:
+        if m.metadata.message_id and m.metadata.message_id == reply.metadata.reply_to_message_id:
+            return m.metadata.dst_node_id
+    return reply.metadata.src_node_id
 
 
 def array_spec(arrays: ArrayRecord) -> Spec:

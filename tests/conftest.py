@@ -46,6 +46,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_ray(address: str, proc: subprocess.Popen, deadline: float, showing: str = "") -> None:
+    """Wait until `ray status` at address answers (and shows `showing`), while `proc` (the `ray start`
+    that should get it there) runs."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    while True:
+        out = subprocess.run([ray, "status", f"--address={address}"], capture_output=True, text=True)
+        if out.returncode == 0 and showing in out.stdout:
+            return
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"Ray at {address} did not come up{' with ' + showing if showing else ''}")
+        time.sleep(1)
+
+
 @pytest.fixture(scope="session")
 def ray_address(cache_dir):
     """Address of a Ray head of this test session's own (its own port and temp dir), stopped at the
@@ -58,11 +71,7 @@ def ray_address(cache_dir):
                              "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     try:
-        deadline = time.time() + 120
-        while subprocess.run([ray, "status", f"--address={address}"], capture_output=True).returncode != 0:
-            if head.poll() is not None or time.time() > deadline:
-                pytest.fail("the test Ray head did not start")
-            time.sleep(1)
+        wait_for_ray(address, head, time.time() + 120)
         yield address
     finally:
         head.terminate()

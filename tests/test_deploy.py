@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SMALL, _free_port
+from conftest import ROOT, SMALL, _free_port, wait_for_ray
 from fedlora.certs import make_node_keys, make_tls
 from fedlora.config import compose, resolve
 from fedlora.simulation import run_simulation
@@ -256,25 +256,18 @@ def test_a_node_with_its_own_data_joins_then_drops_out(federation, tmp_path):
 def test_virtual_clients_spread_over_a_ray_cluster(tmp_path):
     """`ray start --head` offering no CPU, and a worker joining it with two: a run given the head's
     address can only place its virtual clients on the worker, as on a cluster of machines."""
-    ray = str(BIN / "ray")
     port = _free_port()
     address = f"127.0.0.1:{port}"
     temp_dir = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    common = ["--block", "--disable-usage-stats"]
-    started = [subprocess.Popen([ray, "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
-                                 f"--temp-dir={temp_dir}", *common], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)]
+    procs = Processes(os.environ.copy(), tmp_path)
     try:
         deadline = time.time() + 120
-        while subprocess.run([ray, "status", f"--address={address}"], capture_output=True).returncode != 0:
-            assert started[0].poll() is None and time.time() < deadline, "the Ray head did not start"
-            time.sleep(1)
-        started.append(subprocess.Popen([ray, "start", f"--address={address}", "--num-cpus=2", *common],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        while "2.0 CPU" not in subprocess.run([ray, "status", f"--address={address}"], capture_output=True,
-                                              text=True).stdout:
-            assert started[1].poll() is None and time.time() < deadline, "the Ray worker did not join"
-            time.sleep(1)
+        head = procs.start("ray-head", "ray", "start", "--block", "--disable-usage-stats", "--head", f"--port={port}",
+                           "--num-cpus=0", "--include-dashboard=false", f"--temp-dir={temp_dir}")
+        wait_for_ray(address, head, deadline)
+        worker = procs.start("ray-worker", "ray", "start", "--block", "--disable-usage-stats", f"--address={address}",
+                             "--num-cpus=2")
+        wait_for_ray(address, worker, deadline, showing="2.0 CPU")
         run_dir = tmp_path / "run"
         out = subprocess.run([str(BIN / "fedlora-sim"), *SMALL, f"simulation.ray_address={address}",
                               f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600)
@@ -282,10 +275,5 @@ def test_virtual_clients_spread_over_a_ray_cluster(tmp_path):
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["rounds_completed"] == 2
     finally:
-        for proc in started[::-1]:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        procs.stop()
         shutil.rmtree(temp_dir, ignore_errors=True)
