@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora.config import from_json
 from fedlora.data import has_dataset
+from fedlora.paths import absolute
 from fedlora.decompose import factor_keys, reset_factors
 from fedlora.task import (APPLY_UPDATE, arrays_to_model, client_tensors, initial_model, local_tensors, model_to_arrays,
                           start_round, travelling_keys, uplink_keys)
@@ -47,13 +48,12 @@ def _training_data(cfg, context: Context, partition_id: int):
     the node's `data-root`, else from the run's data.root where that exists here (the same machine, a
     simulation), else from this node's FEDLORA_DATA."""
     node = context.node_config
-    here = lambda path: os.path.abspath(os.path.expanduser(str(path)))  # noqa: E731
     if "local-data" in node:
-        return local_tensors(cfg, here(node["local-data"]))
+        return local_tensors(cfg, absolute(node["local-data"], "node config local-data", must_exist=True))
     if "data-root" in node:
-        cfg.data.root = here(node["data-root"])
+        cfg.data.root = absolute(node["data-root"], "node config data-root", must_exist=True)
     elif not has_dataset(cfg.dataset.name, cfg.data.root) and os.environ.get("FEDLORA_DATA"):
-        cfg.data.root = here(os.environ["FEDLORA_DATA"])
+        cfg.data.root = absolute(os.environ["FEDLORA_DATA"], "FEDLORA_DATA", must_exist=True)
     return client_tensors(cfg, partition_id)
 
 

@@ -306,6 +306,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
 
     from fedlora.data import DATASETS
     from fedlora.hf import PRETRAINED
+    from fedlora.paths import absolute
 
     from omegaconf.errors import OmegaConfBaseException
 
@@ -319,10 +320,13 @@ def resolve(cfg: DictConfig) -> DictConfig:
     for key, value in PRETRAINED.get(cfg.model.name, {}).items():
         if cfg.model[key] is None:
             cfg.model[key] = value
-    if cfg.data.root is None and os.environ.get("FEDLORA_DATA"):
-        cfg.data.root = os.environ["FEDLORA_DATA"]
+    exists = not cfg.data.download  # a download creates the root
     if cfg.data.root is not None:
-        cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
+        cfg.data.root = absolute(cfg.data.root, "data.root", must_exist=exists)
+    elif os.environ.get("FEDLORA_DATA"):
+        cfg.data.root = absolute(os.environ["FEDLORA_DATA"], "FEDLORA_DATA", must_exist=exists)
+    if cfg.data.cache_dir is not None:
+        cfg.data.cache_dir = absolute(cfg.data.cache_dir, "data.cache_dir")
     validate(cfg)
     return cfg
 

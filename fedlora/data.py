@@ -185,7 +185,9 @@ def check_available(name: str, root: Optional[str], download: bool) -> None:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora"))
+    from fedlora.paths import absolute
+
+    return Path(absolute(os.environ.get("FEDLORA_CACHE", "~/.cache/fedlora"), "FEDLORA_CACHE"))
 
 
 def _save_atomic(path: Path, **arrays: np.ndarray) -> None:

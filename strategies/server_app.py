@@ -23,6 +23,7 @@ from fedlora.data import DATASETS
 from fedlora.errors import FedloraError, RunInterrupted
 from fedlora.ledger import Ledger
 from fedlora.partition import class_histogram
+from fedlora.paths import absolute
 from fedlora.hf import export_adapted
 from fedlora.records import RunRecorder, human_bytes, setup_logging
 from fedlora.seeds import derive_seed
@@ -79,7 +80,7 @@ def config_from_run_config(run_config) -> DictConfig:
 def run_dir_of(context: Context) -> Path:
     given = str(context.run_config.get("run-dir") or "")
     if given:
-        return Path(given).expanduser().resolve()
+        return Path(absolute(given, "run-dir"))
     now = time.localtime()
     return Path("outputs", "flwr", time.strftime("%Y-%m-%d", now),
                 f"{time.strftime('%H-%M-%S', now)}-run{context.run_id}").resolve()

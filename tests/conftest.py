@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fedlora.paths import absolute
+
 ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.update({
@@ -25,6 +27,11 @@ os.environ.update({
     "HF_HUB_OFFLINE": "1",  # pretrained models come from local paths and PyPI packages
 })
 os.environ.setdefault("FEDLORA_DATA", str(ROOT.parent / "shared" / "data"))
+# Absolute before any process starts: a SuperLink or SuperNode that a test starts runs its apps in
+# folders of its own, where the relative path of the README's test command means nothing.
+for _var in ("FEDLORA_DATA", "FEDLORA_CACHE"):
+    if os.environ.get(_var):
+        os.environ[_var] = absolute(os.environ[_var], _var)
 
 
 def pytest_sessionstart(session):

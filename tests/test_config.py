@@ -132,3 +132,33 @@ def test_server_app_reads_the_same_config_from_json_or_overrides():
         config_from_run_config({"overrides": "data.cache_dir='unclosed"})
     with pytest.raises(ConfigError):
         config_from_run_config({"config-name": "nosuchconfig", "overrides": ""})
+
+
+def test_a_relative_data_root_is_resolved_once_against_the_working_directory(tmp_path, monkeypatch):
+    data = os.environ["FEDLORA_DATA"]
+    monkeypatch.chdir(Path(data).parent)
+    monkeypatch.setenv("FEDLORA_DATA", Path(data).name)
+    assert resolved().data.root == data  # absolute: the config that travels means the same everywhere
+    assert resolved("data.cache_dir=cache").data.cache_dir == str(Path(data).parent / "cache")
+    monkeypatch.chdir(tmp_path)
+    for args, given in (([], "FEDLORA_DATA ../shared/data"), (["data.root=../shared/data"], "data.root ../shared/data")):
+        monkeypatch.setenv("FEDLORA_DATA", "../shared/data")
+        with pytest.raises(FedloraError) as e:
+            resolved(*args)
+        # the path as given, the folder it was resolved against, and what to do
+        assert given in str(e.value) and f"against {tmp_path}" in str(e.value)
+        assert str(tmp_path.parent / "shared" / "data") in str(e.value) and "absolute path" in str(e.value)
+
+
+def test_a_nodes_relative_paths_are_resolved_against_its_own_folder(tmp_path, monkeypatch):
+    from flwr.app import Context, RecordDict
+
+    from clients.client_app import _training_data
+
+    cfg = resolved()
+    monkeypatch.chdir(tmp_path)
+    for key in ("data-root", "local-data"):
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, key: "data"}, state=RecordDict(),
+                          run_config={})
+        with pytest.raises(FedloraError, match=f"node config {key} data does not exist.*against {tmp_path}"):
+            _training_data(cfg.copy(), context, 0)

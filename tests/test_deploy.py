@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,28 @@ def test_virtual_clients_spread_over_a_ray_cluster(tmp_path):
     finally:
         procs.stop()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("env_name", ["venv", "fl-gpu"])
+def test_flwr_packages_the_project_with_a_virtual_environment_inside(env_name, tmp_path):
+    """Many users make their environment inside the project, under a name of their own; `flwr run .`
+    packages the project with it there. The environment holds what `pip install numpy` leaves in any
+    environment: files nested deeper than Flower allows in an app."""
+    import numpy
+
+    project = tmp_path / "project"
+    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".git", ".venv*", "outputs", "multirun", "__pycache__",
+                                                                "*.egg-info", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(project / env_name)], check=True, timeout=120)
+    (site,) = (project / env_name).glob("lib/python3*/site-packages")
+    installed = Path(numpy.__file__).parents[1]
+    for dist_info in installed.glob("numpy-*.dist-info"):
+        shutil.copytree(dist_info, site / dist_info.name)
+    assert max(len(p.relative_to(project).parts) for p in site.rglob("*")) > 11  # deeper than Flower's limit
+    out = subprocess.run([str(BIN / "flwr"), "build", "--app", str(project)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    (fab,) = tmp_path.glob("*.fab")
+    names = zipfile.ZipFile(fab).namelist()
+    assert "fedlora/config.py" in names and "clients/client_app.py" in names
+    assert not any(n.startswith(env_name + "/") for n in names)
