@@ -4,6 +4,7 @@ ray.init about eight)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -108,3 +109,63 @@ def tiny_vit(tmp_path_factory):
     ViTForImageClassification(config).save_pretrained(str(path))
     ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(str(path))
     return str(path)
+
+
+TINY_TEXT = ["dataset=agnews", "model.num_layers=2", "model.max_length=32", "data.train_samples=400",
+             "data.test_samples=200", "local.batch_size=16", "num_clients=4", "clients_per_round=2", "num_rounds=2"]
+
+# A short seeded run of every method preset: the image methods on Fashion-MNIST, the adapter methods on
+# AG News with a 2-layer MiniLM. tests/test_golden.py holds each to its recorded metrics; other tests
+# check what each sends on the same runs (`preset_run`), so that each runs once per session.
+PRESETS = {
+    "fedavg": SMALL + ["method=fedavg"],
+    "fedmud": SMALL + ["method=fedmud"],
+    "fedmud-broadcast": SMALL + ["method=fedmud", "method.downlink=broadcast_update"],
+    "fedmud_bkd": SMALL + ["method=fedmud_bkd"],
+    "fedmud_aad": SMALL + ["method=fedmud_aad"],
+    "fedmud_bkd_aad": SMALL + ["method=fedmud_bkd_aad"],
+    "fedmud_bkd_aad-broadcast": SMALL + ["method=fedmud_bkd_aad", "method.downlink=broadcast_update"],
+    "fedmud_bkd_aad-interval2": SMALL + ["method=fedmud_bkd_aad", "method.interval=2"],
+    "fedlmt": SMALL + ["method=fedlmt"],
+    "fedpara": SMALL + ["method=fedpara"],
+    "fedit-lora": TINY_TEXT + ["method=fedit", "adapter=lora"],
+    "fedit-lora_nonzero": TINY_TEXT + ["method=fedit", "adapter=lora_nonzero"],
+    "fedit-bora": TINY_TEXT + ["method=fedit", "adapter=bora"],
+    "ffa_lora-lora": TINY_TEXT + ["method=ffa_lora", "adapter=lora"],
+    "ffa_lora-lora_nonzero": TINY_TEXT + ["method=ffa_lora", "adapter=lora_nonzero"],
+    "lora_fair-lora": TINY_TEXT + ["method=lora_fair", "adapter=lora"],
+    "lora_fair-bora": TINY_TEXT + ["method=lora_fair", "adapter=bora"],
+}
+
+
+def built(cfg):
+    """The run's method and its initial global model, as the ServerApp and every client build them."""
+    from fedlora.methods import make_method
+    from fedlora.models import dense_model
+
+    method = make_method(cfg)
+    return method, method.build(dense_model(cfg))
+
+
+@pytest.fixture(scope="session")
+def preset_run(ray_address, tmp_path_factory):
+    """preset_run(name) -> (resolved config, run directory) of a simulation of PRESETS[name], run
+    once per test session."""
+    from fedlora.config import compose, resolve
+    from fedlora.simulation import run_simulation
+
+    done = {}
+
+    def run(name: str):
+        if name not in done:
+            cfg = resolve(compose(PRESETS[name] + [f"simulation.ray_address={ray_address}"]))
+            run_dir = tmp_path_factory.mktemp(name)
+            run_simulation(cfg, run_dir)
+            done[name] = cfg, run_dir
+        return done[name]
+
+    return run
+
+
+def metrics_rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

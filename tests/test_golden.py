@@ -1,0 +1,74 @@
+"""Behaviour kept: a short seeded run of every method preset reproduces the per-round records in
+tests/golden/metrics.json (recorded before the method registry replaced the strategy flags).
+
+Bytes each way, clients and rejections are compared exactly everywhere. Accuracies and losses are
+compared exactly on a CPU of the kind the file was recorded on (the same model and instruction set:
+another one rounds floating-point sums differently), and to a small tolerance on any other.
+
+Record anew (only when a change of behaviour is intended, and say so in the commit):
+    FEDLORA_RECORD_GOLDEN=1 python -m pytest tests/test_golden.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import pytest
+
+from conftest import PRESETS, metrics_rows
+
+GOLDEN = Path(__file__).parent / "golden" / "metrics.json"
+EXACT = ("round", "num_clients", "rejected", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down")
+MEASURED = ("test_accuracy", "test_loss", "train_loss")
+
+
+def machine() -> dict:
+    """What decides floating-point results on CPU: the CPU's model and instruction set, torch's version."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "model name", "cpu family", "model", "stepping", "flags") and key not in info:
+                info[key] = value.strip()
+    except OSError:
+        info["processor"] = platform.processor()
+    import torch
+
+    flags = info.pop("flags", "")
+    return {"cpu": info, "flags_sha": hashlib.sha256(flags.encode()).hexdigest()[:16], "torch": torch.__version__}
+
+
+@pytest.fixture(scope="module")
+def golden():
+    if os.environ.get("FEDLORA_RECORD_GOLDEN"):
+        recorded = {"machine": machine(), "runs": {}}
+        yield recorded
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(recorded, indent=1) + "\n")
+    else:
+        yield json.loads(GOLDEN.read_text())
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_reproduces_its_golden_records(name, golden, preset_run):
+    _, run_dir = preset_run(name)
+    got = [{k: v for k, v in r.items() if k != "round_seconds"} for r in metrics_rows(run_dir)]
+    if os.environ.get("FEDLORA_RECORD_GOLDEN"):
+        golden["runs"][name] = {"overrides": PRESETS[name], "rows": got}
+        return
+    assert golden["runs"][name]["overrides"] == PRESETS[name]
+    want = golden["runs"][name]["rows"]
+    assert len(got) == len(want)
+    same_machine = golden["machine"] == machine()
+    for g, w in zip(got, want):
+        assert {k: g[k] for k in EXACT} == {k: w[k] for k in EXACT}
+        for key in MEASURED:
+            if same_machine or g[key] is None or w[key] is None:
+                assert g[key] == w[key], (key, g["round"])
+            else:  # another CPU: the same run up to floating-point rounding
+                assert g[key] == pytest.approx(w[key], rel=0.03, abs=0.02), (key, g["round"])
