@@ -27,7 +27,8 @@ from torch import nn
 
 from fedlora.config import compose, resolve
 from fedlora.seeds import derive_seed
-from fedlora.task import client_tensors, initial_model, test_tensors
+from fedlora.federated_data import client_tensors, test_tensors
+from fedlora.models import dense_model
 from fedlora.training import evaluate
 
 BENCH_OVERRIDES = ["num_rounds=10", "num_clients=20", "clients_per_round=5", "partition=dirichlet",
@@ -37,7 +38,7 @@ BENCH_OVERRIDES = ["num_rounds=10", "num_clients=20", "clients_per_round=5", "pa
 def reference_fedavg(cfg) -> list[float]:
     """Test accuracy after each round."""
     torch.set_num_threads(max(1, int(cfg.simulation.client_resources.num_cpus)))
-    global_model = initial_model(cfg)
+    global_model = dense_model(cfg)
     x_test, y_test = test_tensors(cfg)
     keys = [k for k, v in global_model.state_dict().items() if v.is_floating_point()]
     accuracies = []

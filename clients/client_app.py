@@ -1,8 +1,16 @@
 """The fedlora ClientApp: the same code in Ray virtual clients and on real SuperNodes.
 
-Everything a client needs arrives in the server's message (the resolved config, the round, its seed),
-except, under method.downlink=broadcast_update, its replica of the global model, which it keeps in
-its Flower node state. What it holds itself is its node config:
+The run's config reaches a node once, in the query that opens the run, and stays in its Flower node
+state; a train message carries the round, the client's partition and its training seed, and the
+arrays that the method sends down. From the config, the client builds the same method as the server
+(`fedlora.methods`), which says what it trains, what it must have received and what it sends back.
+Under a method that broadcasts (FedMUD's method.downlink=broadcast_update), the client keeps a replica
+of the global model in its node state instead, updated after every round.
+
+A process builds its model once per run and reuses it for every client and round it serves: what
+the method draws from the seeds and what the server sends overwrite everything that training changes.
+
+What a node holds itself is its node config:
 - `partition-id` (required): who it is; with the shared data, which partition it trains on;
 - `num-partitions` (optional): checked against the run's num_clients before the first round;
 - `data-root` (optional): where this node finds the shared data set (by default the run's data.root
@@ -16,24 +24,57 @@ its Flower node state. What it holds itself is its node config:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
-from torch import nn
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from fedlora.config import from_json
 from fedlora.data import has_dataset
+from fedlora.federated_data import client_tensors, local_tensors
+from fedlora.methods import Method, make_method
+from fedlora.models import dense_model
 from fedlora.paths import absolute
-from fedlora.decompose import factor_keys, reset_factors
-from fedlora.task import (APPLY_UPDATE, arrays_to_model, client_tensors, initial_model, local_tensors, model_to_arrays,
-                          start_round, travelling_keys, uplink_keys)
+from fedlora.protocol import APPLY_UPDATE, CONFIG, PARTITION, ROUND, SEED
+from fedlora.state import load_arrays, state_tensors
 from fedlora.training import train_local
 
 app = ClientApp()
 
-# Under method.downlink=broadcast_update, this node's replica of the global model, in its node state.
-REPLICA, REPLICA_INFO = "fedlora.replica", "fedlora.replica-info"
+# In the node state: the run's config, and under a method that broadcasts, this node's replica of the
+# global model and the round whose update it holds.
+RUN_CONFIG, REPLICA, REPLICA_ROUND = "fedlora.run-config", "fedlora.replica", "fedlora.replica-round"
+
+
+@dataclass
+class ClientRun:
+    """What a process builds once per run: the config, the method, the model it trains, and that
+    model's initial global state (the replica's starting point)."""
+
+    cfg: DictConfig
+    method: Method
+    model: nn.Module
+    initial: dict[str, torch.Tensor]
+
+
+@lru_cache(maxsize=2)
+def _client_run(config_json: str) -> ClientRun:
+    cfg = from_json(config_json)
+    method = make_method(cfg)
+    model = method.build(dense_model(cfg))
+    return ClientRun(cfg, method, model, state_tensors(model, method.global_keys(model)))
+
+
+def _run_of(context: Context) -> ClientRun:
+    record = context.state.config_records.get(RUN_CONFIG)
+    if record is None:
+        raise ValueError("this node holds no config of the run: it was not asked its partition as the run started "
+                         "(it joined later, or was restarted); the run goes on without it")
+    return _client_run(str(record[CONFIG]))
 
 
 def _partition_id(context: Context) -> int:
@@ -43,96 +84,89 @@ def _partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def _training_data(cfg, context: Context, partition_id: int):
+def _training_data(cfg: DictConfig, context: Context, partition_id: int):
     """This node's training tensors: its own data, or its partition of the shared data set, read from
     the node's `data-root`, else from the run's data.root where that exists here (the same machine, a
     simulation), else from this node's FEDLORA_DATA."""
     node = context.node_config
     if "local-data" in node:
         return local_tensors(cfg, absolute(node["local-data"], "node config local-data", must_exist=True))
+    root = cfg.data.root
     if "data-root" in node:
-        cfg.data.root = absolute(node["data-root"], "node config data-root", must_exist=True)
-    elif not has_dataset(cfg.dataset.name, cfg.data.root) and os.environ.get("FEDLORA_DATA"):
-        cfg.data.root = absolute(os.environ["FEDLORA_DATA"], "FEDLORA_DATA", must_exist=True)
+        root = absolute(node["data-root"], "node config data-root", must_exist=True)
+    elif not has_dataset(cfg.dataset.name, root) and os.environ.get("FEDLORA_DATA"):
+        root = absolute(os.environ["FEDLORA_DATA"], "FEDLORA_DATA", must_exist=True)
+    if root != cfg.data.root:
+        cfg = OmegaConf.merge(cfg, {"data": {"root": root}})
     return client_tensors(cfg, partition_id)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Who this node is (its partition id, and the number of partitions it was told of) and, for a
-    node with its own data, how many training examples it holds."""
+    node with its own data, how many training examples it holds. The run's config, which the query
+    carries, is kept in the node state for the rest of the run."""
+    config_json = str(msg.content["config"][CONFIG])
+    context.state[RUN_CONFIG] = ConfigRecord({CONFIG: config_json})
     info = ConfigRecord({"partition-id": _partition_id(context)})
     if "num-partitions" in context.node_config:
         info["num-partitions"] = int(context.node_config["num-partitions"])
     if "local-data" in context.node_config:
-        cfg = from_json(str(msg.content["config"]["fedlora.config"]))
+        cfg = _client_run(config_json).cfg
         info["num-examples"] = len(_training_data(cfg, context, _partition_id(context))[1])
     return Message(RecordDict({"info": info}), reply_to=msg)
 
 
-def _received_model(cfg, config, arrays) -> nn.Module:
-    """The global model from the arrays of the server's message (every method but FedMUD's
-    method.downlink=broadcast_update)."""
-    model = initial_model(cfg)
-    required = travelling_keys(model)
-    if "factor-seed" in config:
-        # frozen factors (and, in a round that redraws them, the trainable ones) come from the seed
-        reset_factors(model, int(config["factor-seed"]))
-        if config.get("redraw"):
-            required = [k for k in required if k not in factor_keys(model)]
-    return arrays_to_model(model, arrays, required)
-
-
-def _replica(cfg, context: Context, version: int) -> tuple[nn.Module, int]:
-    """This client's own copy of the global model (method.downlink=broadcast_update) after `version`
-    broadcast updates, and the seed of its factors. Before the first update, it is the initial model as
-    round 1 starts: the (zero) update folded and the factors drawn from round 1's seed, as the server has it."""
-    info = context.state.config_records.get(REPLICA_INFO)
-    held = int(info["version"]) if info is not None else 0
-    if held != version:
-        raise ValueError(f"this client's replica of the global model is at version {held}, the server's at "
-                         f"{version}: it missed broadcast updates (was the node restarted?)")
-    model = initial_model(cfg)
-    if info is None:
-        return model, start_round(model, cfg, 1)
-    seed = int(info["factor-seed"])
-    reset_factors(model, seed)
-    return arrays_to_model(model, context.state.array_records[REPLICA]), seed
+def _replica(run: ClientRun, context: Context, server_round: int) -> nn.Module:
+    """The process's model holding this client's replica of the global model as `server_round`
+    starts. Before the first update arrives, that is the initial model as round 1 starts."""
+    held = int(context.state.config_records[REPLICA_ROUND]["round"]) if REPLICA_ROUND in context.state else 0
+    if held != server_round - 1:
+        raise ValueError(f"this client's replica of the global model holds the update of round {held}, the server "
+                         f"is at round {server_round}: it missed broadcast updates (was the node restarted?)")
+    method, model = run.method, run.model
+    if held == 0:
+        method.regenerate(model, 0)
+        load_arrays(model, run.initial)
+        method.start_round(model, 1)
+    else:
+        method.regenerate(model, server_round)
+        load_arrays(model, context.state.array_records[REPLICA])
+    return model
 
 
 @app.train(APPLY_UPDATE)
 def apply_update(msg: Message, context: Context) -> Message:
     """Apply a broadcast update to this client's replica and start the next round as the server does."""
-    config = msg.content["config"]
-    cfg = from_json(str(config["fedlora.config"]))
-    version = int(config["version"])  # the round whose update this is
-    model, seed = _replica(cfg, context, version - 1)
+    run = _run_of(context)
+    updated = int(msg.content["config"][ROUND])  # the round whose update this is
+    model = _replica(run, context, updated)
     update = msg.content["arrays"]
-    arrays_to_model(model, update, list(update.keys()))
-    redrawn = start_round(model, cfg, version + 1)
-    context.state[REPLICA] = model_to_arrays(model)
-    context.state[REPLICA_INFO] = ConfigRecord({"version": version, "factor-seed": seed if redrawn is None else redrawn})
+    load_arrays(model, update, required=update.keys())
+    run.method.start_round(model, updated + 1)
+    context.state[REPLICA] = ArrayRecord(state_tensors(model, run.method.global_keys(model)))
+    context.state[REPLICA_ROUND] = ConfigRecord({"round": updated})
     return Message(RecordDict(), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    run = _run_of(context)
     config = msg.content["config"]
-    cfg = from_json(str(config["fedlora.config"]))
-    pid = int(config["partition-id"])
+    server_round, pid = int(config[ROUND]), int(config[PARTITION])
     if pid != _partition_id(context):
         raise ValueError(f"server asked for partition {pid}, this node holds {_partition_id(context)}")
     if "num-threads" in context.node_config:
         torch.set_num_threads(int(context.node_config["num-threads"]))
-    x, y = _training_data(cfg, context, pid)
-    if cfg.method.downlink == "broadcast_update":
-        model, seed = _replica(cfg, context, int(config["version"]))
-        if seed != int(config["factor-seed"]):
-            raise ValueError(f"this client's replica holds factors drawn from seed {seed}, the server's from "
-                             f"{config['factor-seed']}")
+    x, y = _training_data(run.cfg, context, pid)
+    method = run.method
+    if method.broadcasts:
+        model = _replica(run, context, server_round)
     else:
-        model = _received_model(cfg, config, msg.content["arrays"])
-    loss = train_local(model, x, y, cfg.local, seed=int(config["seed"]))
+        model = run.model
+        method.regenerate(model, server_round)
+        load_arrays(model, msg.content["arrays"], required=method.down_keys(model, server_round))
+    loss = train_local(model, x, y, run.cfg.local, seed=int(config[SEED]))
     metrics = MetricRecord({"num-examples": len(y), "train_loss": loss})
-    reply = model_to_arrays(model, uplink_keys(model))
+    reply = ArrayRecord(state_tensors(model, method.up_keys(model, server_round)))
     return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)

@@ -27,11 +27,11 @@ def _main(cfg: DictConfig) -> None:
     try:
         cfg = resolve(cfg)
         setup_logging(cfg.verbose)
-        # Partitions are computed before Ray starts, so that data too small for them stops here;
-        # the ServerApp, in this same process, reuses them.
-        from fedlora.task import federated_data
+        # The data, the partitions and the model are checked before Ray starts, so that a mistake in
+        # them stops here; the ServerApp, in this same process, reuses what they read.
+        from fedlora.preflight import preflight
 
-        federated_data(cfg)
+        preflight(cfg)
         from fedlora.simulation import run_simulation
 
         run_simulation(cfg, run_dir)

@@ -4,7 +4,10 @@ The dataclasses below are the schema: the keys and types of a run's config, with
 The values live in the YAML files of `conf/` (`conf/config.yaml` and one file per group option),
 which Hydra composes on top of this schema, so an unknown key or a wrong type fails at composition.
 `validate` then checks what a type cannot express (names, ranges, cross-field rules), so that a user
-mistake ends in one short message before any work starts.
+mistake ends in one short message before any work starts. The `method` and `adapter` sections are
+each checked against the dataclass of the method or adapter they name (`fedlora.methods`,
+`fedlora.parametrizations.adapters`). What needs the data or a model is checked by
+`fedlora.preflight`, before Ray starts.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fedlora.errors import ConfigError
+from fedlora.methods import METHODS, method_class
+from fedlora.parametrizations.adapters import ADAPTERS
+from fedlora.structured import as_dict, settings, typed
 
 
 @dataclass
@@ -34,47 +40,11 @@ class ModelConfig:
 
 
 @dataclass
-class AdapterConfig:  # low-rank adapters on a pretrained model (fedlora.adapters)
-    name: str = MISSING  # lora, lora_nonzero, bora
-    r: int = MISSING
-    alpha: float = MISSING  # the update is scaled by alpha / r
-    dropout: float = MISSING  # on the adapter's input
-    targets: list[str] = MISSING  # Linear layers to adapt: names or name suffixes (PEFT's target_modules)
-    train: list[str] = MISSING  # modules trained as they are, besides the adapters (the new classifier head)
-    init: Optional[str] = None  # LoRA: zero (B = 0) or nonzero (A and B from U(-sqrt(beta/n), sqrt(beta/n)))
-    beta_a: Optional[float] = None  # nonzero init: beta of A
-    beta_b: Optional[float] = None  # nonzero init: beta of B
-    subtract_initial: Optional[bool] = None  # nonzero init: take the initial product out of the frozen weight
-    blocks: Optional[int] = None  # BoRA: b blocks of A's columns and B's rows
-
-
-@dataclass
 class PartitionConfig:
     name: str = MISSING  # iid, dirichlet, label_count
     alpha: Optional[float] = None  # dirichlet: concentration; smaller is more skewed
     min_partition_size: Optional[int] = None  # dirichlet: resample until every client has this many
     classes_per_client: Optional[int] = None  # label_count: exactly this many classes per client
-
-
-@dataclass
-class MethodConfig:
-    name: str = MISSING  # the preset's name (conf/method/NAME.yaml)
-    strategy: str = MISSING  # a key of strategies.STRATEGIES
-    # How adapted layers (Conv2d, Linear) train, a key of fedlora.decompose.KINDS; null: dense (FedAvg).
-    # lowrank, aad_lowrank, kronecker, aad_kronecker: the round's update W + ΔW (FedMUD);
-    # lowrank_weight (FedLMT), hadamard (FedPara): the weight itself.
-    factorization: Optional[str] = None
-    compression_ratio: Optional[float] = None  # target uplink bytes relative to the dense model's (1/32 = 0.03125)
-    interval: Optional[int] = None  # FedMUD: fold ΔW into W and redraw the factors every `interval` rounds
-    init_magnitude: Optional[float] = None  # FedMUD: the random factors are drawn from U(-a, a)
-    dense_first_last: bool = True  # keep the first and the last adapted layer dense
-    # FedMUD: "global" (sampled clients receive the global weights) or "broadcast_update" (every client
-    # receives each round's aggregated update and keeps its own replica); null for the other methods
-    downlink: Optional[str] = None
-    freeze_a: bool = False  # FFA-LoRA: A stays at its (seeded) initial value; only B (and the head) train and travel
-    fair_lambda: Optional[float] = None  # LoRA-FAIR: weight of ||ΔB||² in the server's refinement of B
-    fair_steps: Optional[int] = None  # LoRA-FAIR: optimiser steps of that refinement
-    fair_lr: Optional[float] = None  # LoRA-FAIR: its learning rate (Adam)
 
 
 @dataclass
@@ -121,8 +91,9 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    adapter: Optional[AdapterConfig] = None  # pretrained models only
+    # the method's own settings: its config dataclass (fedlora/methods/) says which, its YAML the values
+    method: Any = MISSING
+    adapter: Any = None  # pretrained models only: an adapter's settings (fedlora/parametrizations/adapters.py)
     local: LocalConfig = field(default_factory=LocalConfig)
     data: DataConfig = field(default_factory=DataConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
@@ -158,73 +129,41 @@ def _validate_pretrained(cfg: DictConfig, info) -> None:
     if cfg.model.name == "vit" and info.text:
         raise ConfigError(f"model 'vit' is a pretrained image model; dataset '{cfg.dataset.name}' is text "
                           "(model=minilm, or model.hf=ID_OR_PATH of a sequence classifier)")
-    a = cfg.adapter
-    if a is None:
+    if cfg.adapter is None:
         raise ConfigError("a pretrained model is fine-tuned through adapters: add adapter=lora (or lora_nonzero, bora)")
-    if a.name not in ("lora", "lora_nonzero", "bora"):
-        raise ConfigError(f"unknown adapter '{a.name}'; choose one of: bora, lora, lora_nonzero")
-    _at_least(cfg, "adapter.r", 1)
-    _at_least(cfg, "adapter.alpha", 0, strict=True)
-    if not 0 <= a.dropout < 1:
-        raise ConfigError(f"adapter.dropout must be in [0, 1) (got {a.dropout})")
-    if not a.targets:
-        raise ConfigError("adapter.targets must name the Linear layers to adapt, e.g. [query, value]")
-    if a.name == "bora":
-        _at_least(cfg, "adapter.blocks", 1)
-    elif a.init not in ("zero", "nonzero"):
-        raise ConfigError(f"adapter.init must be zero or nonzero (got {a.init})")
-    if cfg.method.factorization is not None:
-        raise ConfigError(f"method={cfg.method.name} factorizes a model trained from scratch; for a pretrained "
-                          "model choose method=fedit, ffa_lora or lora_fair")
+    if cfg.adapter.name not in ADAPTERS:
+        raise ConfigError(f"unknown adapter '{cfg.adapter.name}'; choose one of: {_choices(ADAPTERS)}")
+    typed(ADAPTERS[cfg.adapter.name], cfg.adapter, f"adapter={cfg.adapter.name}").validate()
     if info.text:
         _at_least(cfg, "model.max_length", 1)
 
 
-def _validate_method(method: DictConfig, strategies) -> None:
-    from fedlora.decompose import KINDS
-
-    if method.strategy not in strategies:
-        raise ConfigError(f"unknown method.strategy '{method.strategy}'; choose one of: {_choices(strategies)}")
-    if (method.strategy == "factorized") != (method.factorization is not None):
-        raise ConfigError(f"method.strategy={method.strategy} does not go with method.factorization="
-                          f"{method.factorization}: the factorized strategy trains a factorization, fedavg a dense "
-                          "model; pick a preset (method=fedavg, fedmud, fedmud_bkd_aad, fedlmt, ...)")
-    if method.strategy == "lora_fair" and not (method.fair_lambda is not None and method.fair_lambda >= 0
-                                               and (method.fair_steps or 0) >= 1 and (method.fair_lr or 0) > 0):
-        raise ConfigError("lora_fair needs method.fair_lambda >= 0, method.fair_steps >= 1 and method.fair_lr > 0")
-    if method.factorization is None:
-        if method.downlink == "broadcast_update":
-            raise ConfigError("method.downlink=broadcast_update needs a FedMUD method (fedmud, fedmud_bkd, ...)")
-        return
-    if method.factorization not in KINDS:
-        raise ConfigError(f"unknown method.factorization '{method.factorization}'; choose one of: {_choices(KINDS)}")
-    ratio = method.compression_ratio
-    if ratio is None or not 0 < ratio < 1:
-        raise ConfigError(f"method.compression_ratio must be in (0, 1), e.g. 0.03125 for 1/32 (got {ratio})")
-    if method.downlink not in (None, "global", "broadcast_update"):
-        raise ConfigError(f"method.downlink must be global or broadcast_update (got {method.downlink})")
-    if method.downlink == "broadcast_update" and KINDS[method.factorization].mode != "update":
-        raise ConfigError("method.downlink=broadcast_update needs a FedMUD factorization of the update "
-                          f"(lowrank, aad_lowrank, kronecker, aad_kronecker), not {method.factorization}")
-    if KINDS[method.factorization].mode == "update":
-        if method.interval is None or method.interval < 1:
-            raise ConfigError(f"method.interval must be >= 1 (got {method.interval})")
-        if method.init_magnitude is None or not method.init_magnitude > 0:
-            raise ConfigError(f"method.init_magnitude must be > 0 (got {method.init_magnitude})")
+def _validate_method(cfg: DictConfig, pretrained: bool) -> None:
+    method = method_class(cfg.method.name)
+    typed(method.Config, cfg.method, f"method={cfg.method.name}").validate()
+    adapter_methods = _choices(name for name, m in METHODS.items() if m.needs_adapter)
+    if pretrained and not method.needs_adapter:
+        raise ConfigError(f"method={cfg.method.name} trains a model from scratch; for a pretrained model choose "
+                          f"method={adapter_methods.replace(', ', ', method=')}")
+    if method.needs_adapter and not pretrained:
+        raise ConfigError(f"method={cfg.method.name} aggregates adapters: it needs a pretrained model and an "
+                          "adapter (dataset=agnews adapter=lora)")
+    method.check(cfg)
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the valid choices for the first mistake found."""
-    from fedlora.data import DATASETS, check_available
+    """Raise ConfigError naming the valid choices for the first mistake found. Nothing is read from
+    the disk and no model is built here: `fedlora.preflight` checks what needs them."""
+    from fedlora.data import DATASETS
     from fedlora.hf import PRETRAINED
     from fedlora.models import MODELS
     from fedlora.partition import PARTITIONERS
-    from strategies import STRATEGIES
 
     if cfg.dataset.name not in DATASETS:
         raise ConfigError(f"unknown dataset '{cfg.dataset.name}'; choose one of: {_choices(DATASETS)}")
     info = DATASETS[cfg.dataset.name]
-    if cfg.model.name in PRETRAINED or cfg.model.hf is not None:
+    pretrained = cfg.model.name in PRETRAINED or cfg.model.hf is not None
+    if pretrained:
         _validate_pretrained(cfg, info)
     else:
         if info.text:
@@ -241,10 +180,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg.adapter is not None:
             raise ConfigError(f"adapter={cfg.adapter.name} fine-tunes a pretrained model; model "
                               f"'{cfg.model.name}' trains from scratch (use method=fedmud... for low-rank updates)")
-    _validate_method(cfg.method, STRATEGIES)
-    if (cfg.method.freeze_a or cfg.method.strategy == "lora_fair") and cfg.adapter is None:
-        raise ConfigError(f"method={cfg.method.name} aggregates adapters: it needs a pretrained model and an "
-                          "adapter (dataset=agnews adapter=lora)")
+    _validate_method(cfg, pretrained)
     if cfg.local.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"local.optimizer must be sgd or adamw (got {cfg.local.optimizer})")
     p = cfg.partition
@@ -285,12 +221,6 @@ def validate(cfg: DictConfig) -> None:
                           'pip install "fedlora[tensorboard]", or leave tensorboard=auto')
     if cfg.simulation.backend != "ray":
         raise ConfigError(f"unknown simulation.backend '{cfg.simulation.backend}'; choose one of: ray")
-    # A missing data set, or a factorization the model cannot take, stops the run here, before Ray starts.
-    check_available(cfg.dataset.name, cfg.data.root, cfg.data.download)
-    if cfg.method.factorization is not None:
-        from fedlora.task import method_plan
-
-        method_plan(cfg)
 
 
 def tensorboard_available() -> bool:
@@ -328,6 +258,10 @@ def resolve(cfg: DictConfig) -> DictConfig:
     if cfg.data.cache_dir is not None:
         cfg.data.cache_dir = absolute(cfg.data.cache_dir, "data.cache_dir")
     validate(cfg)
+    # every setting of the method and the adapter written out, defaults included, for the records
+    cfg.method = as_dict(typed(method_class(cfg.method.name).Config, cfg.method, f"method={cfg.method.name}"))
+    if cfg.adapter is not None:
+        cfg.adapter = as_dict(typed(ADAPTERS[cfg.adapter.name], cfg.adapter, f"adapter={cfg.adapter.name}"))
     return cfg
 
 
@@ -342,6 +276,8 @@ def from_json(text: str) -> DictConfig:
 def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     """The config that `fedlora-sim --config-name CONFIG_NAME OVERRIDES...` would run, composed
     without launching anything."""
+    import re
+
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.errors import HydraException
@@ -353,4 +289,12 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
         cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
+        unknown = re.match(r"Could not override '((method|adapter)\.[\w.]+)'", str(e))
+        if unknown:  # a setting that the chosen method or adapter does not have: say which it has
+            key, section = unknown.groups()
+            chosen = compose([o for o in overrides if not o.lstrip("+~").startswith(key)], config_name)[section]
+            schemas = {n: m.Config for n, m in METHODS.items()} if section == "method" else ADAPTERS
+            if chosen is not None and chosen.name in schemas:
+                raise ConfigError(f"{key} is not a setting of {section}={chosen.name}; its settings: "
+                                  f"{settings(schemas[chosen.name])}") from e
         raise ConfigError(f"{e}{cause}") from e

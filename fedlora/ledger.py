@@ -1,19 +1,24 @@
-"""The byte ledger: what really travels, measured on the serialized arrays of each message."""
+"""The byte ledger: what really travels, measured on the serialized arrays of each message.
+
+Flower serializes each array as numpy's `.npy` buffer (`np.save`, no pickle); `serialized_bytes` is
+that buffer's length, for what a method sends before any message exists (its compression report).
+The ServerApp's grid counts the buffers of the real messages into a Ledger.
+"""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
-from flwr.app import Message, RecordDict
+import numpy as np
+import torch
 
 
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes of the serialized arrays a message carries (each Array's buffer, as sent)."""
-    return sum(len(array.data) for record in content.array_records.values() for array in record.values())
-
-
-def message_bytes(message: Message) -> int:
-    return payload_bytes(message.content) if message.has_content() else 0
+def serialized_bytes(tensor: torch.Tensor | np.ndarray) -> int:
+    """Bytes of the array as it travels: numpy's .npy buffer, header included."""
+    buf = io.BytesIO()
+    np.save(buf, tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else tensor, allow_pickle=False)
+    return buf.getbuffer().nbytes
 
 
 @dataclass
@@ -28,12 +33,10 @@ class Ledger:
     def start_round(self) -> None:
         self.up = self.down = 0
 
-    def sent(self, message: Message) -> None:
-        n = message_bytes(message)
-        self.down += n
-        self.total_down += n
+    def sent(self, nbytes: int) -> None:
+        self.down += nbytes
+        self.total_down += nbytes
 
-    def received(self, message: Message) -> None:
-        n = message_bytes(message)
-        self.up += n
-        self.total_up += n
+    def received(self, nbytes: int) -> None:
+        self.up += nbytes
+        self.total_up += nbytes

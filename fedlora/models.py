@@ -1,8 +1,10 @@
-"""The FedMUD paper's CNNs and a CIFAR ResNet-18."""
+"""The FedMUD paper's CNNs and a CIFAR ResNet-18, and the dense model a run starts from."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -108,3 +110,26 @@ def build_model(name: str, num_classes: int, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MODELS[name].builder(num_classes)
+
+
+@lru_cache(maxsize=2)
+def _pretrained(hf: str, num_labels: int, seed: int, num_layers: int | None, image: bool) -> nn.Module:
+    from fedlora.hf import load_classifier
+
+    return load_classifier(hf, num_labels, seed, num_layers, image)
+
+
+def dense_model(cfg) -> nn.Module:
+    """The model a run starts from, before any factorization or adapter: drawn from the seed, or a
+    pretrained one (read once per process, copied for each model built from it) with a seeded head."""
+    from fedlora.data import DATASETS
+    from fedlora.seeds import derive_seed
+
+    info, seed = DATASETS[cfg.dataset.name], derive_seed(cfg.seed, "model-init")
+    if cfg.adapter is None:
+        return build_model(cfg.model.name, info.num_classes, seed)
+    from fedlora.hf import image_classifier
+    from fedlora.text import TextClassifier
+
+    hf = copy.deepcopy(_pretrained(cfg.model.hf, info.num_classes, seed, cfg.model.num_layers, not info.text))
+    return TextClassifier(hf) if info.text else image_classifier(hf, cfg.model.hf, info.mean, info.std)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlora.errors import DataError
+from fedlora.errors import ConfigError, DataError
 
 AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 AGNEWS_FILES = {"train": "dev.tsv", "test": "test.tsv"}
@@ -53,7 +53,10 @@ def tokenize(texts: list[str], tokenizer_path: str, max_length: int, cache_dir: 
             return np.load(cached)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the tokenizer of model '{tokenizer_path}': {str(e).splitlines()[0]}") from e
     tokenizer.padding_side = "right"  # TextClassifier drops the padding columns at the end
     enc = tokenizer(texts, max_length=max_length, padding="max_length", truncation=True, return_tensors="np")
     tokens = np.stack([enc["input_ids"], enc["attention_mask"]], axis=1).astype(np.int64)

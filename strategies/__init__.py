@@ -1,12 +1,2 @@
-"""Flower server side: one Strategy subclass per aggregation family, and the ServerApp."""
-
-from strategies.factorized import FactorizedStrategy
-from strategies.fedavg import FedAvgStrategy
-from strategies.lora_fair import LoRAFairStrategy
-
-# method.strategy (set by each conf/method/<name>.yaml) -> strategy class
-STRATEGIES = {
-    "fedavg": FedAvgStrategy,
-    "factorized": FactorizedStrategy,
-    "lora_fair": LoRAFairStrategy,
-}
+"""Flower server side: the ServerApp, its one Strategy (which asks the run's method what travels and
+how replies combine), the metered Grid, and the checks of a client's reply."""

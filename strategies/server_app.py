@@ -14,22 +14,29 @@ import threading
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
 from omegaconf import DictConfig
 
 from fedlora.config import compose, from_json, resolve, to_json
 from fedlora.data import DATASETS
 from fedlora.errors import FedloraError, RunInterrupted
+from fedlora.federated_data import federated_data, test_tensors
+from fedlora.hf import export_adapted
 from fedlora.ledger import Ledger
+from fedlora.methods import Method, make_method
+from fedlora.models import dense_model
 from fedlora.partition import class_histogram
 from fedlora.paths import absolute
-from fedlora.hf import export_adapted
+from fedlora.preflight import preflight
+from fedlora.protocol import CONFIG
 from fedlora.records import RunRecorder, human_bytes, setup_logging
 from fedlora.seeds import derive_seed
-from fedlora.task import compression, federated_data, initial_model, model_to_arrays, test_tensors
+from fedlora.state import load_arrays
 from fedlora.training import evaluate, pick_device
-from strategies import STRATEGIES
+from strategies.grid import MeteredGrid
+from strategies.strategy import MethodStrategy
 from strategies.validation import node_of_reply
 
 log = logging.getLogger("fedlora")
@@ -38,33 +45,6 @@ app = ServerApp()
 
 # Set by a launcher that runs this ServerApp in a thread (the simulation), where Ctrl-C cannot reach it.
 stop_requested = threading.Event()
-
-
-class StoppableGrid:
-    """A Grid whose send_and_receive gives up as soon as `stop_requested` is set, instead of waiting
-    out the round timeout for replies that will never come."""
-
-    def __init__(self, grid: Grid):
-        self._grid = grid
-        # Poll as often as the wrapped grid does (Flower's in-memory grid: 0.1 s; its HTTP grid: 3 s).
-        self._poll = getattr(grid, "pull_interval", 3.0)
-
-    def __getattr__(self, name):
-        return getattr(self._grid, name)
-
-    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
-        waiting = set(self._grid.push_messages(messages))
-        deadline = time.time() + timeout if timeout is not None else float("inf")
-        replies: list[Message] = []
-        while waiting and time.time() < deadline:
-            if stop_requested.is_set():
-                raise RunInterrupted("stopped by the user")
-            got = list(self._grid.pull_messages(waiting))
-            replies += got
-            waiting -= {m.metadata.reply_to_message_id for m in got}
-            if waiting:
-                time.sleep(self._poll)
-        return replies
 
 
 def config_from_run_config(run_config) -> DictConfig:
@@ -87,11 +67,12 @@ def run_dir_of(context: Context) -> Path:
 
 
 def discover_partitions(grid: Grid, cfg: DictConfig, timeout: float) -> tuple[dict[int, int], dict[int, int]]:
-    """Ask every connected node for its partition id: sampling is done over partition ids, so that it
-    does not depend on the node ids that a run happens to assign. Returns {partition id: node id} and,
-    for the nodes that train on their own data, {partition id: their number of examples}."""
+    """Ask every connected node for its partition id (sampling is done over partition ids, so that it
+    does not depend on the node ids that a run happens to assign), giving it the run's config, which
+    it keeps for the run. Returns {partition id: node id} and, for the nodes that train on their own
+    data, {partition id: their number of examples}."""
     nodes = list(grid.get_node_ids())
-    config = ConfigRecord({"fedlora.config": to_json(cfg)})
+    config = ConfigRecord({CONFIG: to_json(cfg)})
     queries = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     node_of_partition: dict[int, int] = {}
     own_examples: dict[int, int] = {}
@@ -127,55 +108,85 @@ def discover_partitions(grid: Grid, cfg: DictConfig, timeout: float) -> tuple[di
     return node_of_partition, own_examples
 
 
-def run(grid: Grid, cfg: DictConfig, recorder: RunRecorder) -> None:
+def log_compression(facts: dict) -> None:
+    log.info("%s at ratio %g: each client sends %s, %.4f of the dense model's %s; layers %s", facts["factorization"],
+             facts["target"], human_bytes(facts["uplink_bytes_per_client"]), facts["achieved"],
+             human_bytes(facts["dense_bytes_per_client"]), facts["layers"])
+    if not facts["within_5_percent"]:
+        log.warning("compression ratio %.4f is not within 5%% of the target %g: %s", facts["achieved"],
+                    facts["target"], facts["note"])
+
+
+class GlobalEvaluation:
+    """The server-side evaluation of the global model on the whole test set, in a model of its own
+    that is rebuilt from the global arrays as a client would (what the method draws from the seeds,
+    then the arrays)."""
+
+    def __init__(self, cfg: DictConfig, method: Method):
+        self.method, self.cfg = method, cfg
+        self.model = method.build(dense_model(cfg))
+        self.x, self.y = test_tensors(cfg)
+        self.device = pick_device()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        self.method.regenerate(self.model, server_round)
+        load_arrays(self.model, arrays, required=self.method.global_keys(self.model))
+        acc, loss = evaluate(self.model, self.x, self.y, self.cfg.eval.batch_size, self.device)
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+
+def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder) -> Result:
+    """The rounds of a run, as Flower's Strategy.start runs them, with the broadcast of a method whose
+    clients keep replicas; each round's figures go into the records as the round ends."""
+    method = make_method(cfg)
+    model = method.build(dense_model(cfg))  # the server's copy of the global model
     train, _, parts = federated_data(cfg)
     node_of_partition, own_examples = discover_partitions(grid, cfg, cfg.simulation.round_timeout)
     recorder.write_partitions(class_histogram(train.labels, parts, DATASETS[cfg.dataset.name].num_classes),
                               own_examples)
-    model, device = initial_model(cfg), pick_device()
-    x_test, y_test = test_tensors(cfg)
-    timeout = cfg.simulation.round_timeout
-    ledger = recorder.ledger
-    ratio = compression(cfg)
-    if ratio is not None:
-        recorder.extra["compression"] = ratio
-        log.info("%s at ratio %g: each client sends %s, %.4f of the dense model's %s; layers %s",
-                 ratio["factorization"], ratio["target"], human_bytes(ratio["uplink_bytes_per_client"]),
-                 ratio["achieved"], human_bytes(ratio["dense_bytes_per_client"]), ratio["layers"])
-        if not ratio["within_5_percent"]:
-            log.warning("compression ratio %.4f is not within 5%% of the target %g: %s", ratio["achieved"],
-                        ratio["target"], ratio["note"])
-    strategy = STRATEGIES[cfg.method.strategy](cfg, node_of_partition, ledger,
-                                           examples_of_partition={i: len(p) for i, p in enumerate(parts)} | own_examples)
+    facts = method.describe(model, dense_model(cfg))
+    if facts is not None:
+        recorder.extra["compression"] = facts
+        log_compression(facts)
+    strategy = MethodStrategy(method, model, node_of_partition, cfg.clients_per_round, cfg.seed,
+                              examples_of_partition={i: len(p) for i, p in enumerate(parts)} | own_examples)
+    evaluate_global = GlobalEvaluation(cfg, method)
+    timeout, ledger, result = cfg.simulation.round_timeout, grid.ledger, Result()
+    log.info("%s: %d clients, %d per round, %d rounds", method.name, cfg.num_clients, cfg.clients_per_round,
+             cfg.num_rounds)
 
-    def evaluate_fn(server_round: int, arrays) -> MetricRecord:
-        acc, loss = evaluate(strategy.load_global(model, arrays), x_test, y_test, cfg.eval.batch_size, device)
-        if server_round == 0:
-            recorder.record_initial(acc, loss)
-            log.info("round 0/%d | acc %.4f | loss %.4f (initial model)", cfg.num_rounds, acc, loss)
-        else:
-            stats = strategy.round_stats[server_round]
-            recorder.record_round({
-                "round": server_round,
-                "test_accuracy": acc,
-                "test_loss": loss,
-                "train_loss": stats["train_loss"],
-                "num_clients": stats["num_clients"],
-                "rejected": stats["rejected"],
-                "bytes_up": ledger.up,
-                "bytes_down": ledger.down,
-                "cum_bytes_up": ledger.total_up,
-                "cum_bytes_down": ledger.total_down,
-                "round_seconds": round(time.time() - stats["started"], 3),
-            })
-        return MetricRecord({"accuracy": acc, "loss": loss})
-
-    result = strategy.start(grid, model_to_arrays(model), num_rounds=cfg.num_rounds, timeout=timeout,
-                            evaluate_fn=evaluate_fn)
-    if cfg.adapter is not None:  # the fine-tuned global model, loadable without fedlora
-        out = export_adapted(strategy.load_global(initial_model(cfg), result.arrays), recorder.dir / "adapter", cfg,
+    arrays = result.arrays = strategy.global_arrays()
+    initial = result.evaluate_metrics_serverapp[0] = evaluate_global(0, arrays)
+    recorder.record_initial(initial["accuracy"], initial["loss"])
+    log.info("round 0/%d | acc %.4f | loss %.4f (initial model)", cfg.num_rounds, initial["accuracy"], initial["loss"])
+    for rnd in range(1, cfg.num_rounds + 1):
+        ledger.start_round()
+        started = time.time()
+        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
+        arrays, train = strategy.aggregate_train(rnd, replies)
+        if method.broadcasts and rnd < cfg.num_rounds:  # after the last round there is no next one to prepare
+            strategy.aggregate_broadcast(rnd, grid.send_and_receive(strategy.configure_broadcast(rnd), timeout=timeout))
+        scores = evaluate_global(rnd, arrays)
+        result.arrays = arrays
+        result.train_metrics_clientapp[rnd], result.evaluate_metrics_serverapp[rnd] = train, scores
+        recorder.record_round({
+            "round": rnd,
+            "test_accuracy": scores["accuracy"],
+            "test_loss": scores["loss"],
+            "train_loss": train["train_loss"],
+            "num_clients": train["num-clients"],
+            "rejected": train["rejected"],
+            "bytes_up": ledger.up,
+            "bytes_down": ledger.down,
+            "cum_bytes_up": ledger.total_up,
+            "cum_bytes_down": ledger.total_down,
+            "round_seconds": round(time.time() - started, 3),
+        })
+    if cfg.adapter is not None:  # the fine-tuned global model (as last evaluated), loadable without fedlora
+        out = export_adapted(evaluate_global.model, recorder.dir / "adapter", cfg,
                              DATASETS[cfg.dataset.name].num_classes, derive_seed(cfg.seed, "model-init"))
         log.info("global model saved in %s", out)
+    return result
 
 
 @app.main()
@@ -183,6 +194,7 @@ def main(grid: Grid, context: Context) -> None:
     setup_logging()
     try:
         cfg = config_from_run_config(context.run_config)
+        preflight(cfg)
     except FedloraError as e:  # a user's mistake in the run config: say it plainly in the run's log
         log.error("fedlora: error: %s", e)
         raise
@@ -191,10 +203,12 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(run_dir, cfg, Ledger())
     log.info("records in %s", run_dir)
     try:
-        run(StoppableGrid(grid), cfg, recorder)
+        run(MeteredGrid(grid, recorder.ledger, stop_requested), cfg, recorder)
     except BaseException as e:
         status = "interrupted" if isinstance(e, (KeyboardInterrupt, RunInterrupted)) else "failed"
         recorder.close(status, f"{type(e).__name__}: {e}")
+        if isinstance(e, FedloraError) and status == "failed":
+            log.error("fedlora: error: %s", e)
         raise
     summary = recorder.close("completed")
     log.info("done: final accuracy %.4f, best %.4f; records in %s", summary["final_accuracy"],

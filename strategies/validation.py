@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from collections.abc import Mapping
+
 import numpy as np
-from flwr.app import ArrayRecord, Message, RecordDict
+import torch
+from flwr.app import Message, RecordDict
 
 Spec = dict[str, tuple[tuple[int, ...], str]]
 
@@ -31,9 +34,9 @@ def node_of_reply(reply: Message, sent: list[Message]) -> int:
     return reply.metadata.src_node_id
 
 
-def array_spec(arrays: ArrayRecord) -> Spec:
-    """Key -> (shape, dtype) of each array a reply must return."""
-    return {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+def tensor_spec(tensors: Mapping[str, torch.Tensor]) -> Spec:
+    """Key -> (shape, numpy dtype) of each array a reply must return."""
+    return {k: (tuple(t.shape), str(t.numpy().dtype)) for k, t in tensors.items()}
 
 
 def _listed(keys: list[str]) -> str:

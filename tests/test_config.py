@@ -35,18 +35,28 @@ def test_model_defaults_to_the_papers_model_for_the_dataset(tmp_path):
 @pytest.mark.parametrize("overrides, words", [
     (["dataset.name=mnist"], ["unknown dataset 'mnist'", "cifar10", "fmnist"]),
     (["model.name=swin"], ["unknown model 'swin'", "resnet18", "vgg_cifar", "vit"]),
-    (["method.strategy=fedfoo"], ["unknown method.strategy 'fedfoo'", "factorized, fedavg"]),
-    (["method=fedmud", "method.strategy=fedavg"], ["does not go with method.factorization=lowrank"]),
-    (["method=fedmud", "method.factorization=svd"], ["unknown method.factorization 'svd'", "aad_kronecker"]),
+    (["method.name=fedfoo"], ["unknown method 'fedfoo'", "fedavg, fedit", "fedmud_bkd_aad"]),
+    (["method=fedmud", "method.strategy=fedavg"], ["method.strategy is not a setting of method=fedmud",
+                                                   "compression_ratio", "interval"]),
+    (["method=fedmud", "+method.strategy=fedavg"], ["method=fedmud has no setting 'strategy'"]),
+    (["method=fedmud", "method.interval=often"], ["method=fedmud", "could not be converted to Integer"]),
     (["method=fedmud", "method.compression_ratio=2"], ["method.compression_ratio must be in (0, 1)"]),
-    (["method=fedlmt", "method.downlink=broadcast_update"], ["needs a FedMUD factorization of the update"]),
+    (["method=fedmud", "method.interval=0"], ["method.interval must be >= 1"]),
+    (["method=fedmud", "method.downlink=sometimes"], ["method.downlink must be global or broadcast_update"]),
+    (["method=fedlmt", "method.downlink=broadcast_update"], ["method.downlink is not a setting of method=fedlmt",
+                                                             "compression_ratio, dense_first_last"]),
+    (["dataset=agnews", "adapter=lora", "adapter.blocks=2"], ["adapter.blocks is not a setting of adapter=lora"]),
+    (["dataset=agnews", "adapter=lora", "method=lora_fair", "method.fair_steps=0"], ["method.fair_steps >= 1"]),
+    (["dataset=agnews", "adapter=bora", "method=flexlora"], ["adapter=bora is not a product B A"]),
     (["dataset=agnews"], ["fine-tuned through adapters", "adapter=lora"]),
     (["dataset=agnews", "model=fmnist_cnn"], ["dataset 'agnews' is text", "model=minilm"]),
     (["adapter=lora"], ["adapter=lora fine-tunes a pretrained model"]),
     (["model=minilm", "adapter=lora"], ["'minilm' is a pretrained text model", "model=vit"]),
     (["dataset=agnews", "model=vit", "adapter=lora"], ["'vit' is a pretrained image model", "model=minilm"]),
     (["model=vit"], ["fine-tuned through adapters: add adapter=lora"]),
-    (["dataset=agnews", "adapter=lora", "method=fedmud"], ["choose method=fedit, ffa_lora or lora_fair"]),
+    (["dataset=agnews", "adapter=lora", "method=fedmud"], ["method=fedmud trains a model from scratch",
+                                                           "method=fedit", "method=ffa_lora", "method=flexlora"]),
+    (["dataset=agnews", "adapter=lora", "method=fedavg"], ["method=fedavg trains a model from scratch"]),
     (["method=ffa_lora"], ["method=ffa_lora aggregates adapters"]),
     (["dataset=agnews", "adapter=lora", "adapter.init=random"], ["adapter.init must be zero or nonzero"]),
     (["dataset=agnews", "adapter=bora", "adapter.blocks=0"], ["adapter.blocks must be >= 1"]),
@@ -89,15 +99,39 @@ def test_unknown_key_and_wrong_type_are_rejected():
 
 
 def test_missing_data_root_says_where_and_how(tmp_path, monkeypatch):
+    from fedlora.preflight import preflight
+
     monkeypatch.delenv("FEDLORA_DATA")
     with pytest.raises(FedloraError, match="no data root is set"):
-        resolved()
+        preflight(resolved())
     with pytest.raises(FedloraError) as e:
-        resolved(f"data.root={tmp_path}")
+        preflight(resolved(f"data.root={tmp_path}"))
     msg = str(e.value)
     assert str(tmp_path) in msg and "train-images-idx3-ubyte.gz" in msg and "data.download=true" in msg
     with pytest.raises(FedloraError, match="does not exist"):
-        resolved(f"data.root={tmp_path}/nowhere")
+        preflight(resolved(f"data.root={tmp_path}/nowhere"))
+
+
+TEXT = ["dataset=agnews", "model=minilm", "adapter=lora", "method=fedit", "model.num_layers=1"]
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (TEXT + ["adapter.targets=[nothing]"], ["no Linear or Conv2d layer matches adapter.targets ['nothing']",
+                                            "model.bert.encoder.layer.0"]),
+    (TEXT + ["adapter.r=1000"], ["adapter.r=1000 must be between 1"]),
+    (TEXT + ["adapter.train=[head]"], ["adapter.train ['head'] names no module"]),
+    (TEXT + ["model.hf=/nonexistent/model"], ["cannot load model '/nonexistent/model'"]),
+])
+def test_what_needs_a_model_is_checked_before_ray(overrides, words, tmp_path):
+    """A config that composes and validates, but whose model the method cannot be applied to: the
+    pre-flight step builds it and says what is wrong."""
+    from fedlora.preflight import preflight
+
+    cfg = resolved(*overrides, f"data.cache_dir={tmp_path}")
+    with pytest.raises(ConfigError) as e:
+        preflight(cfg)
+    for w in words:
+        assert w in str(e.value)
 
 
 @pytest.mark.parametrize("args, code, words", [

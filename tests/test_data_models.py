@@ -44,7 +44,7 @@ def test_missing_dataset_says_where(tmp_path):
 
 def test_a_client_process_reads_its_data_once():
     from fedlora.config import compose, resolve
-    from fedlora.task import client_tensors
+    from fedlora.federated_data import client_tensors
 
     cfg = resolve(compose(["num_clients=4", "clients_per_round=2", "data.train_samples=800"]))
     load_split.cache_clear()

@@ -7,9 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedlora.adapters import LoRA, adapters, inject_adapters, reset_adapters
 from fedlora.errors import ConfigError, DataError
-from fedlora.hf import MINILM, ImageClassifier, export_peft_lora, image_classifier, load_classifier
+from fedlora.parametrizations.adapters import LoRAConfig, inject_adapters
+from fedlora.parametrizations.base import delta_layers, reset_deltas
+from fedlora.hf import MINILM, export_peft_lora, image_classifier, load_classifier
+
+
+def lora(r, alpha, targets):
+    return LoRAConfig(name="lora", r=r, alpha=alpha, dropout=0.0, targets=targets, train=["classifier"], init="zero")
 
 
 def minilm(seed=3):
@@ -27,12 +32,12 @@ def test_peft_export_round_trip_gives_the_same_logits(tmp_path):
     from peft import PeftModel
 
     model = minilm()
-    names = inject_adapters(model, ["query", "value"], lambda b: LoRA(b, 8, 16), trainable=["classifier"])
+    names = inject_adapters(model, lora(8, 16.0, ["query", "value"]))
     assert len(names) == 4
-    reset_adapters(model, 1)
+    reset_deltas(model, 1)
     with torch.no_grad():  # as if trained
-        for _, a in adapters(model):
-            a.lora_B.normal_(0, 0.1)
+        for _, layer in delta_layers(model):
+            layer.delta.lora_B.normal_(0, 0.1)
         model.classifier.weight.normal_()
     ids = torch.randint(1000, 5000, (3, 12))
     mask = torch.ones_like(ids)
@@ -97,11 +102,11 @@ def test_image_peft_export_round_trip_gives_the_same_logits(tiny_vit, tmp_path):
     from peft import PeftModel
 
     hf = load_classifier(tiny_vit, 10, seed=0, image=True)
-    inject_adapters(hf, ["q_proj", "v_proj"], lambda b: LoRA(b, 4, 8), trainable=["classifier"])
-    reset_adapters(hf, 1)
+    inject_adapters(hf, lora(4, 8.0, ["q_proj", "v_proj"]))
+    reset_deltas(hf, 1)
     with torch.no_grad():
-        for _, a in adapters(hf):
-            a.lora_B.normal_(0, 0.1)
+        for _, layer in delta_layers(hf):
+            layer.delta.lora_B.normal_(0, 0.1)
     pixels = torch.randn(2, 3, 32, 32)
     ours = hf.eval()(pixel_values=pixels).logits
     export_peft_lora(hf, tmp_path, load_classifier(tiny_vit, 10, seed=0, image=True), tiny_vit, ["q_proj", "v_proj"],

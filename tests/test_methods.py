@@ -1,5 +1,5 @@
-"""A real short simulation of every FedMUD and baseline method preset (2 rounds, a small subset), with
-the bytes of every message checked against what the method says travels."""
+"""Every FedMUD and baseline method preset, run for 2 rounds on a small subset: the bytes of every
+message each way are what the method says travels; and the server's view of the global model."""
 
 import json
 
@@ -7,72 +7,78 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL
+from conftest import built, metrics_rows
 from fedlora.config import compose, resolve
-from fedlora.decompose import decomposed_layers, factor_keys
-from fedlora.ledger import Ledger
-from fedlora.simulation import run_simulation
-from fedlora.task import arrays_to_model, initial_model, model_to_arrays, travelling_keys
-from strategies.factorized import FactorizedStrategy
+from fedlora.ledger import serialized_bytes
+from fedlora.parametrizations.base import delta_layers
+from fedlora.state import load_arrays, state_tensors
 
 METHODS = ["fedmud", "fedmud_bkd", "fedmud_aad", "fedmud_bkd_aad", "fedlmt", "fedpara"]
 
 
-def nbytes(arrays):
-    return sum(len(a.data) for a in arrays.values())
+def nbytes(tensors):
+    return sum(serialized_bytes(t) for t in tensors.values())
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_a_short_run_of_each_method(method, ray_address, tmp_path):
-    cfg = resolve(compose(SMALL + [f"method={method}", f"simulation.ray_address={ray_address}"]))
-    run_simulation(cfg, tmp_path)
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+def test_each_method_sends_what_it_says(method, preset_run):
+    cfg, run_dir = preset_run(method)
+    rows = metrics_rows(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and [r["round"] for r in rows] == [1, 2]
     c = summary["compression"]
     assert c["within_5_percent"] and c["target"] == 0.03125
-    model = initial_model(cfg)
-    redraws = cfg.method.factorization in ("lowrank", "aad_lowrank", "kronecker", "aad_kronecker")
-    # down: the global state, less what the clients regenerate from the round seed
-    down = model_to_arrays(model, [k for k in travelling_keys(model) if not (redraws and k in factor_keys(model))])
-    for r in rows:
-        assert r["num_clients"] == 2 and r["rejected"] == 0
-        assert r["bytes_up"] == 2 * c["uplink_bytes_per_client"]  # only what clients trained, plus BN statistics
-        assert r["bytes_down"] == 2 * nbytes(down)
-        assert r["train_loss"] > 0 and 0 <= r["test_accuracy"] <= 1
+    m, model = built(cfg)
+    for r, row in enumerate(rows, start=1):
+        assert row["num_clients"] == 2 and row["rejected"] == 0
+        assert row["bytes_up"] == 2 * c["uplink_bytes_per_client"]  # only what clients trained, plus BN statistics
+        assert row["bytes_down"] == 2 * nbytes(state_tensors(model, m.down_keys(model, r)))
+        assert row["train_loss"] > 0 and 0 <= row["test_accuracy"] <= 1
     assert rows[-1]["test_accuracy"] != summary["initial_accuracy"]  # the global model moved
-    if redraws:  # FedMUD sends the dense weights down, the compressed factors up
+    if method.startswith("fedmud"):  # FedMUD sends the dense weights down, the compressed factors up
         assert rows[0]["bytes_down"] > 20 * rows[0]["bytes_up"]
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert not set(m.down_keys(model, 1)) & {k for k in trained if ".delta." in k}  # redrawn, not sent
     else:  # FedLMT and FedPara send the factorized model both ways
         assert rows[0]["bytes_down"] == rows[0]["bytes_up"]
 
 
+def test_a_round_that_does_not_redraw_sends_the_factors_down(preset_run):
+    cfg, run_dir = preset_run("fedmud_bkd_aad-interval2")
+    m, model = built(cfg)
+    first, second = metrics_rows(run_dir)
+    factors = {k: t for k, t in state_tensors(model, m.up_keys(model, 2)).items() if ".delta." in k}
+    assert m.redraws(1) and not m.redraws(2) and m.factor_seed(2) == m.factor_seed(1)
+    assert second["bytes_down"] - first["bytes_down"] == 2 * nbytes(factors)
+
+
 @pytest.mark.parametrize("method", ["fedmud_aad", "fedmud_bkd_aad", "fedmud"])
 def test_the_server_evaluates_the_global_model_with_the_rounds_frozen_factors(method):
+    """What the ServerApp evaluates (a model rebuilt from the global arrays) is the strategy's own
+    global model: the same frozen factors, redrawn with round 1's seed, and the same trained ones."""
     cfg = resolve(compose([f"method={method}"]))
-    strategy = FactorizedStrategy(cfg, {0: 1}, Ledger())
-    _, _, expected = strategy.round_payload(1, model_to_arrays(initial_model(cfg)))  # redraws with round 1's seed
+    m, server = built(cfg)
+    m.start_round(server, 1)  # redraws with round 1's seed
     rng = np.random.default_rng(0)
-    trained = {k: (rng.normal(size=shape) * 0.01).astype(dtype) for k, (shape, dtype) in expected.items()}
-    new = strategy.new_global(trained)
-    evaluated = strategy.load_global(initial_model(cfg), new)  # what the ServerApp evaluates
-    truth = arrays_to_model(strategy.model, new)  # the strategy's model holds the round's frozen factors
-    pairs = zip(decomposed_layers(evaluated), decomposed_layers(truth))
-    assert all(torch.equal(a.full_weight(), b.full_weight()) for (_, a), (_, b) in pairs)
+    trained = {k: (rng.normal(size=t.shape) * 0.01).astype(np.float32)
+               for k, t in state_tensors(server, m.up_keys(server, 1)).items()}
+    load_arrays(server, trained)
+    _, evaluated = built(cfg)
+    m.regenerate(evaluated, 1)
+    load_arrays(evaluated, state_tensors(server, m.global_keys(server)), required=m.global_keys(evaluated))
+    pairs = list(zip(delta_layers(evaluated), delta_layers(server)))
+    assert pairs and all(torch.equal(a.full_weight(), b.full_weight()) for (_, a), (_, b) in pairs)
 
 
-def test_broadcast_update_gives_the_same_global_model_as_sending_it(ray_address, tmp_path):
-    base = SMALL + ["method=fedmud_bkd_aad", f"simulation.ray_address={ray_address}"]
-    runs = {}
-    for downlink in ("global", "broadcast_update"):
-        cfg = resolve(compose(base + [f"method.downlink={downlink}"]))
-        run_simulation(cfg, tmp_path / downlink)
-        runs[downlink] = [json.loads(x) for x in (tmp_path / downlink / "metrics.jsonl").read_text().splitlines()]
+@pytest.mark.parametrize("method", ["fedmud", "fedmud_bkd_aad"])
+def test_broadcast_update_gives_the_same_global_model_as_sending_it(method, preset_run):
+    runs = {d: metrics_rows(preset_run(method if d == "global" else f"{method}-broadcast")[1])
+            for d in ("global", "broadcast_update")}
     # clients that train from their own replicas reach the same global model as clients sent it
     assert [r["test_accuracy"] for r in runs["broadcast_update"]] == [r["test_accuracy"] for r in runs["global"]]
     assert [r["train_loss"] for r in runs["broadcast_update"]] == pytest.approx(
         [r["train_loss"] for r in runs["global"]], rel=1e-5)
-    per_client = json.loads((tmp_path / "global" / "summary.json").read_text())["compression"]["uplink_bytes_per_client"]
+    per_client = json.loads((preset_run(method)[1] / "summary.json").read_text())["compression"]["uplink_bytes_per_client"]
     first, last = runs["broadcast_update"]
     # every one of the 4 clients receives the aggregated update (what clients send up), except after the
     # last round; train messages and acknowledgements carry no arrays

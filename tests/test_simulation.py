@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SMALL
+from conftest import ROOT, SMALL, built
 from fedlora.config import compose, resolve
 from fedlora.simulation import run_simulation
 from fedlora.partition import class_histogram
-from fedlora.task import federated_data, initial_model
+from fedlora.federated_data import federated_data
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from reference_fedavg import reference_fedavg  # noqa: E402
@@ -46,7 +46,7 @@ def test_cli_run_writes_the_records(cli_run):
     metrics = rows(run_dir)
     assert [r["round"] for r in metrics] == [1, 2] and all(set(r) == KEYS for r in metrics)
     cfg = resolve(compose(SMALL))
-    model = initial_model(cfg)
+    _, model = built(cfg)
     # each sampled client gets every float state tensor (float32 + numpy's 128-byte header) and returns it
     per_client = sum(v.numel() * 4 + 128 for v in model.state_dict().values() if v.is_floating_point())
     for r in metrics:

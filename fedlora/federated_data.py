@@ -1,0 +1,77 @@
+"""A run's data as the federation sees it: the training and test splits, each client's partition,
+and the tensors a client trains on, computed once per process and config, identically everywhere."""
+
+from __future__ import annotations
+
+import copy
+import json
+from functools import lru_cache
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedlora.data import DATASETS, Split, load_full, load_train_test, to_tensors
+from fedlora.errors import DataError
+from fedlora.partition import partition_indices
+
+
+def _data_key(cfg: DictConfig) -> str:
+    keep = {k: OmegaConf.to_container(cfg[k]) for k in ("dataset", "data", "partition")}
+    keep.update(num_clients=cfg.num_clients, seed=cfg.seed,
+                model={"hf": cfg.model.hf, "max_length": cfg.model.max_length})  # text: the tokenizer
+    return json.dumps(keep, sort_keys=True)
+
+
+@lru_cache(maxsize=4)
+def _federated_data(key: str) -> tuple[Split, Split, list[np.ndarray]]:
+    cfg = OmegaConf.create(json.loads(key))
+    train, test = load_train_test(cfg)
+    parts = partition_indices(train.labels, cfg.num_clients, cfg.partition, cfg.seed)
+    return train, test, parts
+
+
+def federated_data(cfg: DictConfig) -> tuple[Split, Split, list[np.ndarray]]:
+    """(train split, test split, per-client row indices), computed once per process and config."""
+    return _federated_data(_data_key(cfg))
+
+
+@lru_cache(maxsize=256)  # all of a process's clients: together at most the training split, as floats
+def _client_tensors(key: str, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    train, _, parts = _federated_data(key)
+    return to_tensors(train, json.loads(key)["dataset"]["name"], parts[partition_id])
+
+
+def client_tensors(cfg: DictConfig, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's normalised training tensors, kept in memory between rounds."""
+    return _client_tensors(_data_key(cfg), partition_id)
+
+
+@lru_cache(maxsize=2)
+def _local_tensors(key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = OmegaConf.create(json.loads(key))
+    name = cfg.dataset.name
+    try:
+        x, y = to_tensors(load_full(cfg, "train"), name)
+    except DataError as e:
+        raise DataError(f"local-data {cfg.data.root}: {e}") from e
+    num_classes, want = DATASETS[name].num_classes, DATASETS[name].shape
+    if len(y) == 0 or int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise DataError(f"local-data {cfg.data.root}: {len(y)} examples, labels must be 0..{num_classes - 1}")
+    if want is not None and tuple(x.shape[1:]) != tuple(want):
+        raise DataError(f"local-data {cfg.data.root}: inputs of shape {tuple(x.shape[1:])}, '{name}' has {tuple(want)}")
+    return x, y
+
+
+def local_tensors(cfg: DictConfig, root: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deployed node's own training data: the whole training split under `root` (a folder laid out
+    like a data root: Fashion-MNIST's IDX files, CIFAR's or SVHN's train.npz, AG News's dev.tsv), not a
+    partition of a shared one. Its labels and input shape are checked against the data set's."""
+    cfg = copy.deepcopy(cfg)
+    cfg.data.root, cfg.data.download = str(root), False
+    return _local_tensors(_data_key(cfg))
+
+
+def test_tensors(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    _, test, _ = federated_data(cfg)
+    return to_tensors(test, cfg.dataset.name)

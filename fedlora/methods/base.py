@@ -1,0 +1,187 @@
+"""A federated method: what a client trains, what travels each way, and how the server combines.
+
+`Method` is FedAvg. A method subclasses it (or one of the two families below) and overrides only what
+it does differently; it registers itself by name (`registry.register_method`) and brings its own
+config dataclass, which the `method` section of a run's config is checked against. The ServerApp and
+every ClientApp build the same Method from the run's config, so each rule is written once and both
+sides use it:
+
+1. what a client trains: `build` (the model as the method trains it, from the dense model) and
+   `regenerate` (what every process draws itself from the run seed for a round: frozen factors,
+   factors redrawn that round);
+2. what travels: `global_keys` (the state that, with the seeds, is the global model), `down_keys`
+   (what a sampled client receives in a round), `up_keys` (what it sends back);
+3. how the server combines: `aggregate`, which writes the new global state into the server's model;
+   and the round hooks: `start_round` (FedMUD's fold and redraw, on the server and on every replica),
+   `broadcasts` (FedMUD's downlink that sends every client the round's update).
+
+The families: `FactorizedMethod` (FedMUD, FedLMT, FedPara: the adapted layers of a model trained from
+scratch, factorized to a target uplink ratio) and `AdapterMethod` (FedIT, FFA-LoRA, LoRA-FAIR,
+FlexLoRA: the configured adapter on a pretrained model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from omegaconf import MISSING, DictConfig
+from torch import nn
+
+from fedlora.aggregate import Update, weighted_mean
+from fedlora.errors import ConfigError
+from fedlora.ledger import serialized_bytes
+from fedlora.parametrizations.adapters import ADAPTERS, AdapterConfig, inject_adapters
+from fedlora.parametrizations.base import reset_deltas
+from fedlora.parametrizations.factorizations import KronShape, factorize
+from fedlora.parametrizations.sizing import Plan, plan_sizes
+from fedlora.seeds import derive_seed
+from fedlora.state import load_arrays, state_tensors
+from fedlora.structured import typed
+
+
+@dataclass
+class MethodConfig:
+    """What every method's config holds; a method's own dataclass adds its settings."""
+
+    name: str = MISSING  # the method's registered name (conf/method/NAME.yaml)
+
+    def validate(self) -> None:
+        """Raise ConfigError for a value that its type cannot rule out."""
+
+
+def trained_keys(model: nn.Module) -> list[str]:
+    """The state entries that local training changes: the trainable parameters, and the floating-point
+    buffers (BatchNorm's statistics) of the modules that train. BatchNorm's integer batch counter
+    stays home: with a set momentum it is never read."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    training = {name for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+    keys = []
+    for key in model.state_dict():
+        if key in params:
+            if params[key].requires_grad:
+                keys.append(key)
+        elif key in buffers and buffers[key].is_floating_point() and key.rpartition(".")[0] in training:
+            keys.append(key)
+    return keys
+
+
+class Method:
+    """FedAvg (McMahan et al. 2017): clients train the whole model; the server averages what they
+    send, weighted by their numbers of examples."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_adapter: ClassVar[bool] = False  # fine-tunes a pretrained model through the `adapter` config
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg  # the run's resolved config
+        self.config = typed(self.Config, cfg.method, f"method={cfg.method.name}")
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        """Raise ConfigError where the rest of the run's config does not go with this method."""
+
+    # --- 1. what a client trains ------------------------------------------------------------------
+    def build(self, dense: nn.Module) -> nn.Module:
+        """The model as this method trains it, from the dense model (drawn from the run seed, or
+        pretrained), with whatever it draws drawn for round 0."""
+        return dense
+
+    def regenerate(self, model: nn.Module, server_round: int) -> None:
+        """Draw what every process draws itself for `server_round` (0: the initial model): before a
+        client loads what it received, and before the server evaluates the global model."""
+
+    # --- round hooks ------------------------------------------------------------------------------
+    def start_round(self, model: nn.Module, server_round: int) -> None:
+        """What the global model goes through as a round starts, on the server and on every replica."""
+
+    @property
+    def broadcasts(self) -> bool:
+        """Whether every client keeps a replica of the global model, sent each round's update (the
+        `up_keys` arrays, averaged) after the round, instead of receiving the model when sampled."""
+        return False
+
+    # --- 2. what travels --------------------------------------------------------------------------
+    def global_keys(self, model: nn.Module) -> list[str]:
+        """The state entries that, with what every process draws from the seeds, make the global model."""
+        return trained_keys(model)
+
+    def down_keys(self, model: nn.Module, server_round: int) -> list[str]:
+        """What a client sampled in `server_round` receives."""
+        return [] if self.broadcasts else self.global_keys(model)
+
+    def up_keys(self, model: nn.Module, server_round: int) -> list[str]:
+        """What a client sends back after training in `server_round`."""
+        return trained_keys(model)
+
+    # --- 3. how the server combines -------------------------------------------------------------
+    def aggregate(self, model: nn.Module, updates: list[Update]) -> None:
+        """Combine the valid replies of a round (in partition order) into the global model, in place."""
+        load_arrays(model, weighted_mean(updates))
+
+    def describe(self, model: nn.Module, dense: nn.Module) -> dict | None:
+        """Facts about the method for the run's summary (FedMUD's compression), or None."""
+        return None
+
+
+class FactorizedMethod(Method):
+    """The adapted layers (Conv2d and Linear, the first and last kept dense) of a model trained from
+    scratch, factorized with per-layer sizes chosen for a target uplink ratio; the factors are drawn
+    from the run seed and averaged like any other weight."""
+
+    factorization: ClassVar[str]  # a key of parametrizations.factorizations.KINDS
+
+    @dataclass
+    class Config(MethodConfig):
+        compression_ratio: float = MISSING  # target uplink bytes relative to the dense model's (1/32 = 0.03125)
+        dense_first_last: bool = True  # keep the first and the last adapted layer dense
+
+        def validate(self) -> None:
+            if not 0 < self.compression_ratio < 1:
+                raise ConfigError("method.compression_ratio must be in (0, 1), e.g. 0.03125 for 1/32 "
+                                  f"(got {self.compression_ratio})")
+
+    magnitude = 0.0  # the scale of the random factors of an update; a factorized weight takes its layer's
+
+    def plan(self, dense: nn.Module) -> Plan:
+        return plan_sizes(dense, self.factorization, self.config.compression_ratio, self.config.dense_first_last)
+
+    def factor_seed(self, server_round: int) -> int:
+        """The seed of the factors in use in `server_round` (0: the initial model)."""
+        return derive_seed(self.cfg.seed, "factors", 0)
+
+    def build(self, dense: nn.Module) -> nn.Module:
+        model = factorize(dense, self.factorization, self.plan(dense).sizes, self.magnitude)
+        reset_deltas(model, self.factor_seed(0))
+        return model
+
+    def describe(self, model: nn.Module, dense: nn.Module) -> dict:
+        """The uplink of a client against the dense model's, measured on the serialized arrays, with
+        the planned sizes, and why a target is out of reach."""
+        plan = self.plan(dense)
+        up = sum(serialized_bytes(t) for t in state_tensors(model, self.up_keys(model, 1)).values())
+        full = sum(serialized_bytes(t) for t in state_tensors(dense, trained_keys(dense)).values())
+        achieved = up / full
+        return {"factorization": self.factorization, "target": plan.target, "achieved": achieved,
+                "within_5_percent": abs(achieved - plan.target) <= 0.05 * plan.target, "note": plan.note,
+                "uplink_bytes_per_client": up, "dense_bytes_per_client": full,
+                "layers": {name: str(size) if isinstance(size, KronShape) else f"rank {size}"
+                           for name, size in plan.sizes.items()}}
+
+
+class AdapterMethod(Method):
+    """FedAvg over the configured adapter (`adapter=lora`, ...) on a pretrained model: the pretrained
+    weights stay frozen and never travel; the adapters and the new head train and travel."""
+
+    needs_adapter = True
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg)
+        self.adapter: AdapterConfig = typed(ADAPTERS[cfg.adapter.name], cfg.adapter, f"adapter={cfg.adapter.name}")
+
+    def build(self, dense: nn.Module) -> nn.Module:
+        inject_adapters(dense, self.adapter)
+        reset_deltas(dense, derive_seed(self.cfg.seed, "factors", 0))
+        return dense

@@ -1,0 +1,194 @@
+"""Low-rank adapters for fine-tuning a pretrained model: LoRA (zero or non-zero initialisation) and BoRA.
+
+Each is a `Delta` (`base.py`) on a frozen layer W (m x n), scaled by alpha / r, with dropout on its
+input, as PEFT does:
+- `LoRA`: ΔW = B A, A (r x n), B (m x r). Zero initialisation: A Kaiming-uniform (PEFT's), B = 0, so
+  the model starts at the pretrained one. Non-zero initialisation (ICML 2025): A and B both drawn from
+  U(-sqrt(β/n), sqrt(β/n)) (β per factor); with `subtract_initial` the initial product is taken out of
+  the frozen weight, so the model still starts exactly at the pretrained one.
+- `BoRA` (block-diversified LoRA): A in b column blocks A_j, B in b row blocks B_i (uneven when a
+  dimension is not divisible by b); block (i, j) of ΔW is B_i Σ_ij A_j with
+  Σ_ij = diag(exp(σ_ij / mean|σ|)), σ (b x b x r) trainable, drawn like A; B = 0. (m + n) r + b² r
+  trainable parameters; the update's rank can reach b r.
+
+An adapter is named in the `adapter` config group; `ADAPTERS` maps each name to its Delta and its
+config dataclass, and `inject_adapters` puts the configured one on a model's target layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from fedlora.errors import ConfigError
+from fedlora.parametrizations.base import Delta, DeltaLayer, adaptable_layers, inject, matches, matrix_shape
+from fedlora.seeds import cpu_generator, uniform
+
+
+def _kaiming_uniform(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    # nn.init.kaiming_uniform_(w, a=sqrt(5)), as nn.Linear and PEFT's lora_A: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    return uniform(shape, 1.0 / math.sqrt(shape[1]), gen)
+
+
+def _check_rank(r: int, m: int, n: int) -> None:
+    if not 1 <= r <= min(m, n):
+        raise ConfigError(f"adapter.r={r} must be between 1 and min(in, out) = {min(m, n)} of the adapted layers")
+
+
+class LoRA(Delta):
+    def __init__(self, m: int, n: int, r: int, init: str = "zero", beta_a: float = 1.0, beta_b: float = 1.0):
+        super().__init__(m, n)
+        _check_rank(r, m, n)
+        if init not in ("zero", "nonzero"):
+            raise ConfigError(f"adapter.init must be zero or nonzero (got {init})")
+        self.r, self.init, self.beta_a, self.beta_b = r, init, beta_a, beta_b
+        self.lora_A = nn.Parameter(torch.zeros(r, n))
+        self.lora_B = nn.Parameter(torch.zeros(m, r))
+
+    def reset(self, seed: int) -> None:
+        gen = cpu_generator(seed)
+        with torch.no_grad():
+            if self.init == "zero":
+                self.lora_A.copy_(_kaiming_uniform((self.r, self.n), gen))
+                self.lora_B.zero_()
+            else:
+                for p, beta in ((self.lora_A, self.beta_a), (self.lora_B, self.beta_b)):
+                    p.copy_(uniform(p.shape, math.sqrt(beta / self.n), gen))
+
+    def matrix(self, lora_B: torch.Tensor | None = None) -> torch.Tensor:
+        """B A, with `lora_B` in place of the adapter's own B if given."""
+        return (self.lora_B if lora_B is None else lora_B) @ self.lora_A
+
+    def forward(self, x: torch.Tensor, scaling: float) -> torch.Tensor:
+        # two thin matmuls instead of forming the m x n update
+        return (x @ self.lora_A.T @ self.lora_B.T) * scaling
+
+
+def _splits(size: int, b: int) -> list[int]:
+    """b block sizes that sum to size, the first ones one larger when size is not divisible by b."""
+    return [size // b + (1 if i < size % b else 0) for i in range(b)]
+
+
+class BoRA(Delta):
+    def __init__(self, m: int, n: int, r: int, blocks: int = 4):
+        super().__init__(m, n)
+        _check_rank(r, m, n)
+        if not 1 <= blocks <= min(m, n):
+            raise ConfigError(f"adapter.blocks={blocks} must be between 1 and min(in, out) = {min(m, n)}")
+        self.r, self.blocks = r, blocks
+        self.row_sizes, self.col_sizes = _splits(m, blocks), _splits(n, blocks)
+        self.lora_A = nn.Parameter(torch.zeros(r, n))
+        self.lora_B = nn.Parameter(torch.zeros(m, r))
+        self.sigma = nn.Parameter(torch.zeros(blocks, blocks, r))
+
+    def reset(self, seed: int) -> None:
+        gen = cpu_generator(seed)
+        with torch.no_grad():
+            self.lora_A.copy_(_kaiming_uniform((self.r, self.n), gen))
+            self.sigma.copy_(uniform(self.sigma.shape, 1.0 / math.sqrt(self.n), gen))  # "like A"
+            self.lora_B.zero_()
+
+    def diagonals(self) -> torch.Tensor:
+        """Σ's diagonals, (b, b, r): exp(σ / mean|σ|)."""
+        return torch.exp(self.sigma / self.sigma.abs().mean())
+
+    def matrix(self, lora_B: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks B_i Σ_ij A_j, with `lora_B` in place of the adapter's own B if given."""
+        d = self.diagonals()
+        a_blocks = torch.split(self.lora_A, self.col_sizes, dim=1)
+        b_blocks = torch.split(self.lora_B if lora_B is None else lora_B, self.row_sizes, dim=0)
+        rows = [torch.cat([(b_i * d[i, j]) @ a_j for j, a_j in enumerate(a_blocks)], dim=1)
+                for i, b_i in enumerate(b_blocks)]
+        return torch.cat(rows, dim=0)
+
+
+# ---------------------------------------------------------------- configs and injection
+
+
+@dataclass
+class AdapterConfig:
+    """What every adapter takes (`conf/adapter/NAME.yaml` gives the values)."""
+
+    name: str = MISSING  # a key of ADAPTERS
+    r: int = MISSING
+    alpha: float = MISSING  # the update is scaled by alpha / r
+    dropout: float = MISSING  # on the adapter's input
+    targets: list[str] = MISSING  # layers to adapt: names or name suffixes (PEFT's target_modules), or re:PATTERN
+    train: list[str] = MISSING  # modules trained as they are, besides the adapters (the new classifier head)
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"adapter.r must be >= 1 (got {self.r})")
+        if not self.alpha > 0:
+            raise ConfigError(f"adapter.alpha must be > 0 (got {self.alpha})")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"adapter.dropout must be in [0, 1) (got {self.dropout})")
+        if not self.targets:
+            raise ConfigError("adapter.targets must name the layers to adapt, e.g. [query, value]")
+
+    def delta(self, m: int, n: int) -> Delta:
+        raise NotImplementedError
+
+    subtract_initial = False
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    init: str = MISSING  # zero (B = 0) or nonzero (A and B from U(-sqrt(beta/n), sqrt(beta/n)))
+    beta_a: float = 1.0  # nonzero init: beta of A
+    beta_b: float = 1.0  # nonzero init: beta of B
+    subtract_initial: bool = False  # nonzero init: take the initial product out of the frozen weight
+
+    def validate(self) -> None:
+        super().validate()
+        if self.init not in ("zero", "nonzero"):
+            raise ConfigError(f"adapter.init must be zero or nonzero (got {self.init})")
+
+    def delta(self, m: int, n: int) -> Delta:
+        return LoRA(m, n, self.r, self.init, self.beta_a, self.beta_b)
+
+
+@dataclass
+class BoRAConfig(AdapterConfig):
+    blocks: int = MISSING  # b blocks of A's columns and B's rows
+
+    def validate(self) -> None:
+        super().validate()
+        if self.blocks < 1:
+            raise ConfigError(f"adapter.blocks must be >= 1 (got {self.blocks})")
+
+    def delta(self, m: int, n: int) -> Delta:
+        return BoRA(m, n, self.r, self.blocks)
+
+
+# adapter name (conf/adapter/<name>.yaml) -> its config; the config builds the Delta
+ADAPTERS: dict[str, type[AdapterConfig]] = {"lora": LoRAConfig, "lora_nonzero": LoRAConfig, "bora": BoRAConfig}
+
+
+def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Freeze the model, put the configured adapter on every Linear (or Conv2d) layer that
+    `config.targets` names, and keep trainable the modules that `config.train` names (a new head).
+    Returns the adapted layers' names."""
+    model.requires_grad_(False)
+    layers = adaptable_layers(model, config.targets)
+    if not layers:
+        names = [n for n, _ in adaptable_layers(model)]
+        raise ConfigError(f"no Linear or Conv2d layer matches adapter.targets {list(config.targets)}; the model's "
+                          f"layers are named like: {', '.join(names[:6])}")
+
+    def make(name: str, base: nn.Module) -> DeltaLayer:
+        m, n = matrix_shape(base.weight.shape)
+        return DeltaLayer(base, config.delta(m, n), scaling=config.alpha / config.r, dropout=config.dropout,
+                          additive=isinstance(base, nn.Linear), subtract_initial=config.subtract_initial)
+
+    names = inject(model, layers, make)
+    trained = [m for n, m in model.named_modules() if matches(n, config.train)]
+    if config.train and not trained:
+        raise ConfigError(f"adapter.train {list(config.train)} names no module of the model")
+    for module in trained:
+        module.requires_grad_(True)
+    return names
