@@ -93,6 +93,11 @@ class Method:
         """Draw what every process draws itself for `server_round` (0: the initial model): before a
         client loads what it received, and before the server evaluates the global model."""
 
+    def factor_seed(self, server_round: int) -> int:
+        """The seed of the factors in use in `server_round` (0: the initial model); drawn once, unless
+        the method redraws them."""
+        return derive_seed(self.cfg.seed, "factors", 0)
+
     # --- round hooks ------------------------------------------------------------------------------
     def start_round(self, model: nn.Module, server_round: int) -> None:
         """What the global model goes through as a round starts, on the server and on every replica."""
@@ -148,10 +153,6 @@ class FactorizedMethod(Method):
     def plan(self, dense: nn.Module) -> Plan:
         return plan_sizes(dense, self.factorization, self.config.compression_ratio, self.config.dense_first_last)
 
-    def factor_seed(self, server_round: int) -> int:
-        """The seed of the factors in use in `server_round` (0: the initial model)."""
-        return derive_seed(self.cfg.seed, "factors", 0)
-
     def build(self, dense: nn.Module) -> nn.Module:
         model = factorize(dense, self.factorization, self.plan(dense).sizes, self.magnitude)
         reset_deltas(model, self.factor_seed(0))
@@ -183,5 +184,5 @@ class AdapterMethod(Method):
 
     def build(self, dense: nn.Module) -> nn.Module:
         inject_adapters(dense, self.adapter)
-        reset_deltas(dense, derive_seed(self.cfg.seed, "factors", 0))
+        reset_deltas(dense, self.factor_seed(0))
         return dense

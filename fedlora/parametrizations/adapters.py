@@ -133,7 +133,7 @@ class AdapterConfig:
     def delta(self, m: int, n: int) -> Delta:
         raise NotImplementedError
 
-    subtract_initial = False
+    subtract_initial = False  # take the initial product out of the frozen weight (LoRA's non-zero init)
 
 
 @dataclass
@@ -182,8 +182,12 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
 
     def make(name: str, base: nn.Module) -> DeltaLayer:
         m, n = matrix_shape(base.weight.shape)
+        linear = isinstance(base, nn.Linear)
+        if config.dropout > 0 and not linear:
+            raise ConfigError(f"adapter.dropout={config.dropout} applies to a Linear layer's input; {name} is a "
+                              "Conv2d: set adapter.dropout=0 or leave convolutions out of adapter.targets")
         return DeltaLayer(base, config.delta(m, n), scaling=config.alpha / config.r, dropout=config.dropout,
-                          additive=isinstance(base, nn.Linear), subtract_initial=config.subtract_initial)
+                          additive=linear, subtract_initial=config.subtract_initial)
 
     names = inject(model, layers, make)
     trained = [m for n, m in model.named_modules() if matches(n, config.train)]

@@ -87,6 +87,8 @@ class DeltaLayer(nn.Module):
         super().__init__()
         if additive and not isinstance(base, nn.Linear):
             raise ValueError("an additive delta needs a Linear layer")
+        if dropout > 0 and not additive:
+            raise ValueError("dropout on the layer's input needs an additive delta (a Linear layer)")
         self.weight_shape = tuple(base.weight.shape)
         self._conv = (dict(stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
                       if isinstance(base, nn.Conv2d) else None)
@@ -122,7 +124,7 @@ class DeltaLayer(nn.Module):
         if self.subtract_initial:
             with torch.no_grad():
                 if self._subtracted is not None:
-                    self.weight += self._subtracted
+                    self.weight += self._subtracted.to(self.weight.device)
                 self._subtracted = self.scaled_delta().to(self.weight.dtype).clone()
                 self.weight -= self._subtracted
 
