@@ -37,9 +37,8 @@ from fedlora.config import from_json
 from fedlora.data import has_dataset
 from fedlora.federated_data import client_tensors, local_tensors
 from fedlora.methods import Method, make_method
-from fedlora.models import dense_model
 from fedlora.paths import absolute
-from fedlora.protocol import APPLY_UPDATE, CONFIG, PARTITION, ROUND, SEED
+from fedlora.protocol import APPLY_UPDATE, CONFIG, NO_CONFIG, PARTITION, ROUND, SEED
 from fedlora.state import load_arrays, state_tensors
 from fedlora.training import train_local
 
@@ -65,15 +64,19 @@ class ClientRun:
 def _client_run(config_json: str) -> ClientRun:
     cfg = from_json(config_json)
     method = make_method(cfg)
-    model = method.build(dense_model(cfg))
+    model = method.initial_model()
     return ClientRun(cfg, method, model, state_tensors(model, method.global_keys(model)))
 
 
-def _run_of(context: Context) -> ClientRun:
+def _run_of(context: Context, config: ConfigRecord) -> ClientRun:
+    """The run this node serves: its config from the node state, or from `config` (the message's), which
+    carries it again to a node that lost it, and is kept."""
+    if CONFIG in config:
+        context.state[RUN_CONFIG] = ConfigRecord({CONFIG: str(config[CONFIG])})
     record = context.state.config_records.get(RUN_CONFIG)
     if record is None:
-        raise ValueError("this node holds no config of the run: it was not asked its partition as the run started "
-                         "(it joined later, or was restarted); the run goes on without it")
+        raise ValueError(f"this node {NO_CONFIG}: it was not asked its partition as the run started (it joined "
+                         "later, or was restarted); the server sends it with the node's next train message")
     return _client_run(str(record[CONFIG]))
 
 
@@ -106,13 +109,13 @@ def query(msg: Message, context: Context) -> Message:
     """Who this node is (its partition id, and the number of partitions it was told of) and, for a
     node with its own data, how many training examples it holds. The run's config, which the query
     carries, is kept in the node state for the rest of the run."""
-    config_json = str(msg.content["config"][CONFIG])
-    context.state[RUN_CONFIG] = ConfigRecord({CONFIG: config_json})
+    config = msg.content["config"]
+    context.state[RUN_CONFIG] = ConfigRecord({CONFIG: str(config[CONFIG])})
     info = ConfigRecord({"partition-id": _partition_id(context)})
     if "num-partitions" in context.node_config:
         info["num-partitions"] = int(context.node_config["num-partitions"])
     if "local-data" in context.node_config:
-        cfg = _client_run(config_json).cfg
+        cfg = from_json(str(config[CONFIG]))
         info["num-examples"] = len(_training_data(cfg, context, _partition_id(context))[1])
     return Message(RecordDict({"info": info}), reply_to=msg)
 
@@ -126,19 +129,17 @@ def _replica(run: ClientRun, context: Context, server_round: int) -> nn.Module:
                          f"is at round {server_round}: it missed broadcast updates (was the node restarted?)")
     method, model = run.method, run.model
     if held == 0:
-        method.regenerate(model, 0)
-        load_arrays(model, run.initial)
+        method.load(model, run.initial, 0, required=run.initial)
         method.start_round(model, 1)
     else:
-        method.regenerate(model, server_round)
-        load_arrays(model, context.state.array_records[REPLICA])
+        method.load(model, context.state.array_records[REPLICA], server_round, required=method.global_keys(model))
     return model
 
 
 @app.train(APPLY_UPDATE)
 def apply_update(msg: Message, context: Context) -> Message:
     """Apply a broadcast update to this client's replica and start the next round as the server does."""
-    run = _run_of(context)
+    run = _run_of(context, msg.content["config"])
     updated = int(msg.content["config"][ROUND])  # the round whose update this is
     model = _replica(run, context, updated)
     update = msg.content["arrays"]
@@ -151,8 +152,8 @@ def apply_update(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    run = _run_of(context)
     config = msg.content["config"]
+    run = _run_of(context, config)
     server_round, pid = int(config[ROUND]), int(config[PARTITION])
     if pid != _partition_id(context):
         raise ValueError(f"server asked for partition {pid}, this node holds {_partition_id(context)}")
@@ -163,9 +164,8 @@ def train(msg: Message, context: Context) -> Message:
     if method.broadcasts:
         model = _replica(run, context, server_round)
     else:
-        model = run.model
-        method.regenerate(model, server_round)
-        load_arrays(model, msg.content["arrays"], required=method.down_keys(model, server_round))
+        model = method.load(run.model, msg.content["arrays"], server_round,
+                            required=method.down_keys(run.model, server_round))
     loss = train_local(model, x, y, run.cfg.local, seed=int(config[SEED]))
     metrics = MetricRecord({"num-examples": len(y), "train_loss": loss})
     reply = ArrayRecord(state_tensors(model, method.up_keys(model, server_round)))

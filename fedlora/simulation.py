@@ -54,8 +54,11 @@ def run_simulation(cfg: DictConfig, run_dir: str | Path) -> None:
     from flwr.supercore.telemetry import EventType
 
     from clients.client_app import app as client_app
+    from fedlora.records import setup_logging
     from strategies.server_app import app as server_app
     from strategies.server_app import stop_requested
+
+    setup_logging(cfg.verbose)  # again: importing Flower set its own log level
 
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                       run_config={"fedlora-config": to_json(cfg), "run-dir": str(Path(run_dir).resolve())})

@@ -10,9 +10,10 @@ from torch import nn
 
 
 def state_tensors(model: nn.Module, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The given entries of the model's state, on CPU, in the order given."""
+    """Copies of the given entries of the model's state, on CPU, in the order given: they do not
+    change when the model trains on."""
     state = model.state_dict()
-    return {k: state[k].detach().cpu() for k in keys}
+    return {k: state[k].detach().to("cpu", copy=True) for k in keys}
 
 
 def load_arrays(model: nn.Module, arrays: Mapping, required: Iterable[str] = ()) -> nn.Module:

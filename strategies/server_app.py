@@ -26,14 +26,12 @@ from fedlora.federated_data import federated_data, test_tensors
 from fedlora.hf import export_adapted
 from fedlora.ledger import Ledger
 from fedlora.methods import Method, make_method
-from fedlora.models import dense_model
 from fedlora.partition import class_histogram
 from fedlora.paths import absolute
 from fedlora.preflight import preflight
 from fedlora.protocol import CONFIG
 from fedlora.records import RunRecorder, human_bytes, setup_logging
 from fedlora.seeds import derive_seed
-from fedlora.state import load_arrays
 from fedlora.training import evaluate, pick_device
 from strategies.grid import MeteredGrid
 from strategies.strategy import MethodStrategy
@@ -124,13 +122,12 @@ class GlobalEvaluation:
 
     def __init__(self, cfg: DictConfig, method: Method):
         self.method, self.cfg = method, cfg
-        self.model = method.build(dense_model(cfg))
+        self.model = method.initial_model()
         self.x, self.y = test_tensors(cfg)
         self.device = pick_device()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        self.method.regenerate(self.model, server_round)
-        load_arrays(self.model, arrays, required=self.method.global_keys(self.model))
+        self.method.load(self.model, arrays, server_round, required=self.method.global_keys(self.model))
         acc, loss = evaluate(self.model, self.x, self.y, self.cfg.eval.batch_size, self.device)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
@@ -139,17 +136,18 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder) -> Result:
     """The rounds of a run, as Flower's Strategy.start runs them, with the broadcast of a method whose
     clients keep replicas; each round's figures go into the records as the round ends."""
     method = make_method(cfg)
-    model = method.build(dense_model(cfg))  # the server's copy of the global model
-    train, _, parts = federated_data(cfg)
+    model = method.initial_model()  # the server's copy of the global model
+    train_split, _, parts = federated_data(cfg)
     node_of_partition, own_examples = discover_partitions(grid, cfg, cfg.simulation.round_timeout)
-    recorder.write_partitions(class_histogram(train.labels, parts, DATASETS[cfg.dataset.name].num_classes),
+    recorder.write_partitions(class_histogram(train_split.labels, parts, DATASETS[cfg.dataset.name].num_classes),
                               own_examples)
-    facts = method.describe(model, dense_model(cfg))
+    facts = method.describe(model)
     if facts is not None:
         recorder.extra["compression"] = facts
         log_compression(facts)
     strategy = MethodStrategy(method, model, node_of_partition, cfg.clients_per_round, cfg.seed,
-                              examples_of_partition={i: len(p) for i, p in enumerate(parts)} | own_examples)
+                              examples_of_partition={i: len(p) for i, p in enumerate(parts)} | own_examples,
+                              config_json=to_json(cfg))
     evaluate_global = GlobalEvaluation(cfg, method)
     timeout, ledger, result = cfg.simulation.round_timeout, grid.ledger, Result()
     log.info("%s: %d clients, %d per round, %d rounds", method.name, cfg.num_clients, cfg.clients_per_round,

@@ -22,7 +22,7 @@ from torch import nn
 from fedlora.aggregate import Update
 from fedlora.errors import FedloraError
 from fedlora.methods import Method
-from fedlora.protocol import APPLY_UPDATE, PARTITION, ROUND, SEED
+from fedlora.protocol import APPLY_UPDATE, CONFIG, NO_CONFIG, PARTITION, ROUND, SEED
 from fedlora.seeds import derive_seed
 from fedlora.state import load_arrays, state_tensors
 from strategies.validation import ReplyRejected, Spec, TrainReply, node_of_reply, parse_train_reply, tensor_spec
@@ -42,13 +42,15 @@ class MethodStrategy(Strategy):
     and let the method combine the valid ones."""
 
     def __init__(self, method: Method, model: nn.Module, node_of_partition: dict[int, int], clients_per_round: int,
-                 seed: int, examples_of_partition: dict[int, int] | None = None):
+                 seed: int, examples_of_partition: dict[int, int] | None = None, config_json: str = ""):
         self.method, self.model = method, model
         self.node_of_partition = node_of_partition
         self.clients_per_round, self.seed = clients_per_round, seed
         # A client's reply must count exactly its partition's examples, where the server knows them,
         # so that no client can weigh more in the average than its data does.
         self.examples_of_partition = examples_of_partition or {}
+        # The run's config, for a node that lost it (it restarted): sent again with its next train message.
+        self.config_json, self.lost_config = config_json, set()
         self.expected: Spec = {}  # this round's reply arrays: key -> (shape, dtype)
         self.sampled: list[int] = []  # this round's partition ids
         self.sent: list[Message] = []  # this round's messages
@@ -70,8 +72,12 @@ class MethodStrategy(Strategy):
         self.sent = []
         for pid in self.sampled:
             # each client its own RecordDict, so that a per-client payload never leaks into another's message
-            content = RecordDict({"arrays": ArrayRecord(dict(down)), "config": ConfigRecord({
-                ROUND: server_round, PARTITION: pid, SEED: derive_seed(self.seed, "train", server_round, pid)})})
+            seed = derive_seed(self.seed, "train", server_round, pid)
+            config = ConfigRecord({ROUND: server_round, PARTITION: pid, SEED: seed})
+            if pid in self.lost_config and self.config_json:
+                config[CONFIG] = self.config_json
+                self.lost_config.discard(pid)
+            content = RecordDict({"arrays": ArrayRecord(dict(down)), "config": config})
             self.sent.append(Message(content, dst_node_id=self.node_of_partition[pid], message_type=MessageType.TRAIN,
                                      group_id=str(server_round)))
         return self.sent
@@ -89,6 +95,8 @@ class MethodStrategy(Strategy):
             try:
                 if msg.has_error():
                     errors.append(msg.error.reason)
+                    if NO_CONFIG in msg.error.reason:
+                        self.lost_config.add(pid)
                     raise ReplyRejected(f"the client failed: {msg.error.reason}")
                 if pid not in self.sampled:
                     raise ReplyRejected("not sampled this round")

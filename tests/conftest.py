@@ -135,16 +135,16 @@ PRESETS = {
     "ffa_lora-lora_nonzero": TINY_TEXT + ["method=ffa_lora", "adapter=lora_nonzero"],
     "lora_fair-lora": TINY_TEXT + ["method=lora_fair", "adapter=lora"],
     "lora_fair-bora": TINY_TEXT + ["method=lora_fair", "adapter=bora"],
+    "flexlora-lora": TINY_TEXT + ["method=flexlora", "adapter=lora"],
 }
 
 
 def built(cfg):
     """The run's method and its initial global model, as the ServerApp and every client build them."""
     from fedlora.methods import make_method
-    from fedlora.models import dense_model
 
     method = make_method(cfg)
-    return method, method.build(dense_model(cfg))
+    return method, method.initial_model()
 
 
 @pytest.fixture(scope="session")

@@ -198,18 +198,18 @@ def test_a_nodes_relative_paths_are_resolved_against_its_own_folder(tmp_path, mo
             _training_data(cfg.copy(), context, 0)
 
 
-def test_a_node_that_lost_the_runs_config_says_so():
+def test_a_node_that_lost_the_runs_config_says_so_and_keeps_it_when_sent_again():
     """The run's config reaches a node once, in the query that opens the run: a node that restarted
-    later has none, and refuses to train instead of guessing."""
+    later has none, and refuses to train instead of guessing, until a message brings it again."""
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from clients.client_app import RUN_CONFIG, _run_of
+    from clients.client_app import _run_of
     from fedlora.config import to_json
-    from fedlora.protocol import CONFIG
+    from fedlora.protocol import CONFIG, NO_CONFIG
 
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    with pytest.raises(ValueError, match="holds no config of the run.*restarted"):
-        _run_of(context)
+    with pytest.raises(ValueError, match=f"{NO_CONFIG}.*restarted"):
+        _run_of(context, ConfigRecord({"round": 3}))
     cfg = resolved("num_clients=7")
-    context.state[RUN_CONFIG] = ConfigRecord({CONFIG: to_json(cfg)})
-    assert _run_of(context).cfg == cfg
+    assert _run_of(context, ConfigRecord({"round": 3, CONFIG: to_json(cfg)})).cfg == cfg
+    assert _run_of(context, ConfigRecord({"round": 4})).cfg == cfg  # kept in the node state

@@ -11,7 +11,7 @@ from conftest import ROOT
 from conftest import built
 from fedlora.config import compose, resolve
 from fedlora.ledger import serialized_bytes
-from fedlora.models import build_model, dense_model
+from fedlora.models import build_model
 from fedlora.parametrizations.base import DeltaLayer, adaptable_layers, delta_layers, reset_deltas
 from fedlora.parametrizations.factorizations import (KINDS, AggregationAwareKronecker, AggregationAwareLowRank,
                                                      HadamardLowRank, Kronecker, LowRank, LowRankWeight, factorize)
@@ -198,7 +198,7 @@ def test_svhn_at_one_thirty_second_says_why_it_is_out_of_reach():
 def test_measured_uplink_is_the_trainable_tensors_and_meets_the_ratio(method):
     cfg = resolve(compose([f"method={method}"]))
     m, model = built(cfg)
-    c = m.describe(model, dense_model(cfg))
+    c = m.describe(model)
     up = state_tensors(model, m.up_keys(model, 1))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n for n, _ in model.named_buffers()}

@@ -180,11 +180,10 @@ def test_a_short_run_sends_the_adapters_and_the_head_only(preset, preset_run):
         AutoModelForSequenceClassification.from_pretrained(str(export))
 
 
-def test_a_short_run_of_flexlora(ray_address, tmp_path):
-    cfg = resolve(compose(TINY_TEXT + ["method=flexlora", "adapter=lora", f"simulation.ray_address={ray_address}"]))
-    run_simulation(cfg, tmp_path)
-    rows = metrics_rows(tmp_path)
-    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+def test_a_short_run_of_flexlora(preset_run):
+    cfg, run_dir = preset_run("flexlora-lora")
+    rows = metrics_rows(run_dir)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     sent, _, _ = sent_per_client(cfg)  # FedIT's bytes both ways: the SVD's factors go down
     assert all(r["num_clients"] == 2 and r["rejected"] == 0 and r["bytes_up"] == r["bytes_down"] == 2 * sent
                for r in rows)

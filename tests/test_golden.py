@@ -1,12 +1,14 @@
 """Behaviour kept: a short seeded run of every method preset reproduces the per-round records in
-tests/golden/metrics.json (recorded before the method registry replaced the strategy flags).
+tests/golden/metrics.json (those of the presets that existed then were recorded before the method
+registry replaced the strategy flags; FlexLoRA's, the first method added with the registry, after).
 
 Bytes each way, clients and rejections are compared exactly everywhere. Accuracies and losses are
 compared exactly on a CPU of the kind the file was recorded on (the same model and instruction set:
 another one rounds floating-point sums differently), and to a small tolerance on any other.
 
-Record anew (only when a change of behaviour is intended, and say so in the commit):
-    FEDLORA_RECORD_GOLDEN=1 python -m pytest tests/test_golden.py
+Record anew (only when a change of behaviour is intended, or for a new preset, and say so in the
+commit); the runs selected are recorded, the others kept:
+    FEDLORA_RECORD_GOLDEN=1 python -m pytest tests/test_golden.py -k flexlora
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ def machine() -> dict:
 @pytest.fixture(scope="module")
 def golden():
     if os.environ.get("FEDLORA_RECORD_GOLDEN"):
-        recorded = {"machine": machine(), "runs": {}}
+        recorded = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {"runs": {}}
+        if recorded.get("machine", machine()) != machine():
+            pytest.exit("the golden records were made on another machine: record all of them anew there", 2)
+        recorded["machine"] = machine()
         yield recorded
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(recorded, indent=1) + "\n")

@@ -84,3 +84,40 @@ def test_broadcast_update_gives_the_same_global_model_as_sending_it(method, pres
     # last round; train messages and acknowledgements carry no arrays
     assert (first["bytes_down"], last["bytes_down"]) == (4 * per_client, 0)
     assert first["bytes_up"] == last["bytes_up"] == 2 * per_client
+
+
+def test_the_replicas_of_every_node_a_process_serves_agree_with_the_server(monkeypatch):
+    """Under broadcast_update one process serves several nodes with one model: after a round, the
+    replica of every node (trained this round or not) is the server's global model as round 2 starts."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients import client_app
+    from conftest import SMALL
+    from fedlora.config import to_json
+    from fedlora.protocol import CONFIG
+    from strategies.strategy import MethodStrategy
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    cfg = resolve(compose(SMALL + ["method=fedmud_bkd_aad", "method.downlink=broadcast_update"]))
+    method, model = built(cfg)
+    strategy = MethodStrategy(method, model, {pid: 100 + pid for pid in range(4)}, 2, cfg.seed)
+    contexts = {}
+    for pid in range(4):
+        contexts[pid] = Context(run_id=1, node_id=100 + pid, node_config={"partition-id": pid}, state=RecordDict(),
+                                run_config={})
+        contexts[pid].state[client_app.RUN_CONFIG] = ConfigRecord({CONFIG: to_json(cfg)})
+    sent = strategy.configure_train(1, strategy.global_arrays(), ConfigRecord(), None)
+    replies = []
+    for msg in sent:  # each client trains in this process, on the one model the process holds
+        reply = client_app.train(msg, contexts[msg.content["config"]["partition-id"]])
+        replies.append(Message(reply.content, reply_to=msg))
+    strategy.aggregate_train(1, replies)
+    for msg in strategy.configure_broadcast(1):
+        client_app.apply_update(msg, contexts[msg.metadata.dst_node_id - 100])
+    method.start_round(model, 2)
+    want = state_tensors(model, method.global_keys(model))
+    for pid, context in contexts.items():
+        replica = context.state.array_records[client_app.REPLICA]
+        assert set(replica) == set(want)
+        assert all(np.array_equal(replica[k].numpy(), want[k].numpy()) for k in want), pid

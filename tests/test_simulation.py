@@ -65,6 +65,8 @@ def test_cli_run_writes_the_records(cli_run):
     assert parts["class_counts"] == class_histogram(train.labels, used, 10) and sum(parts["sizes"]) == 1200
     assert "num_clients: 4" in (Path(run_dir) / "config.yaml").read_text()
     assert "round 2/2" in stdout and "acc" in stdout and "up" in stdout
+    # only fedlora's own lines by default: Flower's and Ray's logs need verbose=true
+    assert all(" fedlora | " in line for line in stdout.splitlines()), stdout[:2000]
 
 
 def test_same_seed_same_metrics_and_the_reference_loop_agrees(cli_run, ray_address, tmp_path):

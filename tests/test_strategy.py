@@ -203,3 +203,25 @@ def test_derived_seeds_differ_by_every_part():
              derive_seed(1, "frozen-factor-a", 1), derive_seed(0, "frozen-factor-a", 2)}
     assert len(seeds) == 4
     assert derive_seed(3, "train", 5, 7) == derive_seed(3, "train", 5, 7)
+
+
+def test_a_node_that_lost_the_runs_config_is_sent_it_with_its_next_train_message(cfg, arrays):
+    from fedlora.config import to_json
+    from fedlora.protocol import CONFIG, NO_CONFIG
+
+    method, model = built(cfg)
+    strategy = MethodStrategy(method, model, {pid: 100 + pid for pid in range(cfg.num_clients)}, cfg.clients_per_round,
+                              cfg.seed, config_json=to_json(cfg))
+    messages = list(strategy.configure_train(1, arrays, None, None))
+    assert not any(CONFIG in m.content["config"] for m in messages)
+    lost = messages[0].content["config"]["partition-id"]
+    replies = [Message(Error(code=0, reason=f"ValueError: this node {NO_CONFIG}: ..."), reply_to=messages[0])]
+    replies += [reply_to(m, {k: a.numpy() for k, a in arrays.items()}) for m in messages[1:]]
+    strategy.aggregate_train(1, replies)
+    later = next(r for r in range(2, 50) if lost in strategy.sample(r))
+    for r in range(2, later + 1):
+        for m in strategy.configure_train(r, arrays, None, None):
+            again = m.content["config"]["partition-id"] == lost and r == later
+            assert (CONFIG in m.content["config"]) == again
+            if again:
+                assert m.content["config"][CONFIG] == to_json(cfg)

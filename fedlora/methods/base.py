@@ -22,17 +22,20 @@ FlexLoRA: the configured adapter on a pretrained model).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from omegaconf import MISSING, DictConfig
 from torch import nn
 
-from fedlora.aggregate import Update, weighted_mean
+from fedlora.aggregate import Update, weighted_mean, weights
 from fedlora.errors import ConfigError
 from fedlora.ledger import serialized_bytes
+from fedlora.models import dense_model
 from fedlora.parametrizations.adapters import ADAPTERS, AdapterConfig, inject_adapters
-from fedlora.parametrizations.base import reset_deltas
+from fedlora.parametrizations.base import delta_layers, reset_deltas
 from fedlora.parametrizations.factorizations import KronShape, factorize
 from fedlora.parametrizations.sizing import Plan, plan_sizes
 from fedlora.seeds import derive_seed
@@ -89,9 +92,19 @@ class Method:
         pretrained), with whatever it draws drawn for round 0."""
         return dense
 
+    def initial_model(self) -> nn.Module:
+        """The global model as the run starts, built as the server and every client build it."""
+        return self.build(dense_model(self.cfg))
+
     def regenerate(self, model: nn.Module, server_round: int) -> None:
-        """Draw what every process draws itself for `server_round` (0: the initial model): before a
-        client loads what it received, and before the server evaluates the global model."""
+        """Draw what every process draws itself for `server_round` (0: the initial model)."""
+
+    def load(self, model: nn.Module, arrays: Mapping, server_round: int, required: Iterable[str]) -> nn.Module:
+        """The model as of `server_round` from what travelled: what every process draws for the round,
+        then the arrays, which must hold every key of `required`. A client does this with what it
+        received, the server with the global arrays it evaluates, a replica with its own."""
+        self.regenerate(model, server_round)
+        return load_arrays(model, arrays, required=required)
 
     def factor_seed(self, server_round: int) -> int:
         """The seed of the factors in use in `server_round` (0: the initial model); drawn once, unless
@@ -126,7 +139,7 @@ class Method:
         """Combine the valid replies of a round (in partition order) into the global model, in place."""
         load_arrays(model, weighted_mean(updates))
 
-    def describe(self, model: nn.Module, dense: nn.Module) -> dict | None:
+    def describe(self, model: nn.Module) -> dict | None:
         """Facts about the method for the run's summary (FedMUD's compression), or None."""
         return None
 
@@ -158,9 +171,10 @@ class FactorizedMethod(Method):
         reset_deltas(model, self.factor_seed(0))
         return model
 
-    def describe(self, model: nn.Module, dense: nn.Module) -> dict:
+    def describe(self, model: nn.Module) -> dict:
         """The uplink of a client against the dense model's, measured on the serialized arrays, with
         the planned sizes, and why a target is out of reach."""
+        dense = dense_model(self.cfg)
         plan = self.plan(dense)
         up = sum(serialized_bytes(t) for t in state_tensors(model, self.up_keys(model, 1)).values())
         full = sum(serialized_bytes(t) for t in state_tensors(dense, trained_keys(dense)).values())
@@ -170,6 +184,19 @@ class FactorizedMethod(Method):
                 "uplink_bytes_per_client": up, "dense_bytes_per_client": full,
                 "layers": {name: str(size) if isinstance(size, KronShape) else f"rank {size}"
                            for name, size in plan.sizes.items()}}
+
+
+def mean_update(model: nn.Module, updates: list[Update]) -> dict[str, torch.Tensor]:
+    """Σ_k p_k ΔW_k of each adapted layer (ΔW unscaled: B A for LoRA), p_k the clients' shares of the
+    examples: what the clients' updates average to, which averaging their factors does not give.
+    Each update is loaded into `model` in turn: the caller then writes the new global state into it."""
+    mean: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for update, share in zip(updates, weights(updates)):
+            load_arrays(model, update.arrays)
+            for name, layer in delta_layers(model):
+                mean[name] = mean.get(name, 0) + layer.delta.matrix() * share
+    return mean
 
 
 class AdapterMethod(Method):

@@ -29,7 +29,7 @@ from torch import nn
 from fedlora.errors import ConfigError
 from fedlora.methods.base import FactorizedMethod, trained_keys
 from fedlora.methods.registry import register_method
-from fedlora.parametrizations.base import delta_layers, reset_deltas
+from fedlora.parametrizations.base import delta_key, delta_layers, reset_deltas
 from fedlora.seeds import derive_seed
 
 DOWNLINKS = ("global", "broadcast_update")
@@ -95,8 +95,9 @@ class FedMUD(FactorizedMethod):
     def down_keys(self, model: nn.Module, server_round: int) -> list[str]:
         if self.broadcasts:
             return []
-        redrawn = ({f"{name}.delta.{p}" for name, layer in delta_layers(model) for p, _ in layer.delta.named_parameters()}
-                   if self.redraws(server_round) else set())
+        if not self.redraws(server_round):
+            return self.global_keys(model)
+        redrawn = {delta_key(name, p) for name, layer in delta_layers(model) for p, _ in layer.delta.named_parameters()}
         return [k for k in self.global_keys(model) if k not in redrawn]
 
 

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from omegaconf import MISSING
 from torch import nn
 
-from fedlora.aggregate import Update, weighted_mean, weights
+from fedlora.aggregate import Update, weighted_mean
 from fedlora.errors import ConfigError
-from fedlora.methods.base import AdapterMethod, MethodConfig
+from fedlora.methods.base import AdapterMethod, MethodConfig, mean_update
 from fedlora.methods.registry import register_method
-from fedlora.parametrizations.base import Delta, delta_layers
+from fedlora.parametrizations.base import Delta, delta_key, delta_layers
 from fedlora.state import load_arrays
 
 
@@ -54,17 +54,12 @@ class LoRAFAIR(AdapterMethod):
 
     def aggregate(self, model: nn.Module, updates: list[Update]) -> None:
         averaged = weighted_mean(updates)
-        ideal: dict[str, torch.Tensor] = {}  # Σ p_k B_k A_k of each adapted layer
-        with torch.no_grad():
-            for update, share in zip(updates, weights(updates)):
-                load_arrays(model, update.arrays)
-                for name, layer in delta_layers(model):
-                    ideal[name] = ideal.get(name, 0) + layer.delta.matrix() * share
+        ideal = mean_update(model, updates)  # Σ p_k B_k A_k of each adapted layer
         load_arrays(model, averaged)
         c = self.config
         for name, layer in delta_layers(model):
-            key = f"{name}.delta.lora_B"
+            key = delta_key(name, "lora_B")
             if key in averaged:
                 refined = fair_refine(layer.delta, ideal[name], c.fair_lambda, c.fair_steps, c.fair_lr)
-                averaged[key] = refined.numpy().astype(averaged[key].dtype)
+                averaged[key] = refined.cpu().numpy().astype(averaged[key].dtype)
         load_arrays(model, averaged)

@@ -34,17 +34,16 @@ def _kaiming_uniform(shape: tuple[int, int], gen: torch.Generator) -> torch.Tens
     return uniform(shape, 1.0 / math.sqrt(shape[1]), gen)
 
 
-def _check_rank(r: int, m: int, n: int) -> None:
-    if not 1 <= r <= min(m, n):
-        raise ConfigError(f"adapter.r={r} must be between 1 and min(in, out) = {min(m, n)} of the adapted layers")
+def _check_size(key: str, value: int, m: int, n: int) -> None:
+    # what only the layer can tell; the configs check the values on their own (AdapterConfig.validate)
+    if not 1 <= value <= min(m, n):
+        raise ConfigError(f"adapter.{key}={value} must be between 1 and min(in, out) = {min(m, n)} of the adapted layers")
 
 
 class LoRA(Delta):
     def __init__(self, m: int, n: int, r: int, init: str = "zero", beta_a: float = 1.0, beta_b: float = 1.0):
         super().__init__(m, n)
-        _check_rank(r, m, n)
-        if init not in ("zero", "nonzero"):
-            raise ConfigError(f"adapter.init must be zero or nonzero (got {init})")
+        _check_size("r", r, m, n)
         self.r, self.init, self.beta_a, self.beta_b = r, init, beta_a, beta_b
         self.lora_A = nn.Parameter(torch.zeros(r, n))
         self.lora_B = nn.Parameter(torch.zeros(m, r))
@@ -55,9 +54,11 @@ class LoRA(Delta):
             if self.init == "zero":
                 self.lora_A.copy_(_kaiming_uniform((self.r, self.n), gen))
                 self.lora_B.zero_()
-            else:
+            elif self.init == "nonzero":
                 for p, beta in ((self.lora_A, self.beta_a), (self.lora_B, self.beta_b)):
                     p.copy_(uniform(p.shape, math.sqrt(beta / self.n), gen))
+            else:
+                raise ValueError(f"LoRA init must be zero or nonzero (got {self.init})")
 
     def matrix(self, lora_B: torch.Tensor | None = None) -> torch.Tensor:
         """B A, with `lora_B` in place of the adapter's own B if given."""
@@ -76,9 +77,8 @@ def _splits(size: int, b: int) -> list[int]:
 class BoRA(Delta):
     def __init__(self, m: int, n: int, r: int, blocks: int = 4):
         super().__init__(m, n)
-        _check_rank(r, m, n)
-        if not 1 <= blocks <= min(m, n):
-            raise ConfigError(f"adapter.blocks={blocks} must be between 1 and min(in, out) = {min(m, n)}")
+        _check_size("r", r, m, n)
+        _check_size("blocks", blocks, m, n)
         self.r, self.blocks = r, blocks
         self.row_sizes, self.col_sizes = _splits(m, blocks), _splits(n, blocks)
         self.lora_A = nn.Parameter(torch.zeros(r, n))

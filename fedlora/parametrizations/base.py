@@ -3,13 +3,15 @@
 Every adapted layer sees its weight as an m x n matrix: a Linear's (out, in) weight, or for a Conv2d
 with an (out, in, k1, k2) kernel the (out*k1) x (in*k2) matrix whose row-major reshape is the kernel.
 
-- A `Delta` builds an m x n matrix ΔW from factors. Its trainable factors are parameters; its frozen
-  factors are non-persistent buffers, never sent and never loaded: `reset(seed)` draws every factor
-  from the seed on CPU, so every process and device holds identical values.
+- A `Delta` builds an m x n matrix ΔW from factors. Its trainable factors are parameters; the factors
+  it keeps frozen by construction (FedMUD's AAD) are non-persistent buffers, never sent and never
+  loaded: `reset(seed)` draws every factor from the seed on CPU, so every process and device holds
+  identical values. A method may also freeze a parameter at its seeded value (FFA-LoRA's A): it then
+  stays a parameter that does not train, and does not travel either.
 - A `DeltaLayer` replaces a Conv2d or Linear: it computes the layer with the weight W + s ΔW
   (s = alpha / r for an adapter, 1 for FedMUD), or with ΔW alone when the delta *is* the weight
-  (FedLMT, FedPara). `fold` adds s ΔW into W (FedMUD's fold, an adapter's merge); the caller then
-  redraws the delta.
+  (FedLMT, FedPara). `fold` adds s ΔW into W, and the caller redraws the delta (FedMUD's MUD);
+  `as_base` gives the merged layer as a plain Conv2d or Linear (an adapter's export).
 
 FedMUD's factorizations (`factorizations.py`) and the adapters (`adapters.py`) are both Deltas, so
 each works on any model's Conv2d and Linear layers: `inject` puts them in, `delta_layers` finds them,
@@ -30,7 +32,7 @@ from fedlora.seeds import derive_seed
 
 class Delta(nn.Module):
     """An m x n matrix built from factors. `reset(seed)` draws every factor (frozen and trainable
-    alike); `trainable_count` is what a client sends for this layer."""
+    alike); `trainable_count` is the number of parameters that train."""
 
     def __init__(self, m: int, n: int):
         super().__init__()
@@ -129,7 +131,7 @@ class DeltaLayer(nn.Module):
                 self.weight -= self._subtracted
 
     def fold(self) -> None:
-        """W += s ΔW; the caller then redraws the delta (FedMUD), or drops it (`as_base`)."""
+        """W += s ΔW; the caller then redraws the delta (FedMUD's fold and redraw)."""
         with torch.no_grad():
             self.weight += self.scaled_delta().to(self.weight.dtype)
 
@@ -196,6 +198,11 @@ def inject(model: nn.Module, layers: Sequence[tuple[str, nn.Module]],
 
 def delta_layers(model: nn.Module) -> list[tuple[str, DeltaLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, DeltaLayer)]
+
+
+def delta_key(layer: str, factor: str) -> str:
+    """The state entry of factor `factor` of the delta layer named `layer`."""
+    return f"{layer}.delta.{factor}"
 
 
 def reset_deltas(model: nn.Module, seed: int) -> None:
