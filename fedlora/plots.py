@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from fedlora.report import Group
 
 PLOTS = ("accuracy_vs_uplink", "accuracy_vs_rounds")
 
@@ -34,7 +31,8 @@ def _curve(runs, x_key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, acc.mean(axis=0), std
 
 
-def plot_accuracy(groups: Sequence["Group"], out: Path, title: str, target: float | None) -> list[Path]:
+def plot_accuracy(groups: Sequence, out: Path, title: str, target: float | None) -> list[Path]:
+    """One figure per name of PLOTS from the report's groups (`report.Group`: a label and its runs)."""
     import matplotlib
 
     matplotlib.use("Agg")
