@@ -68,11 +68,16 @@ def _client_run(config_json: str) -> ClientRun:
     return ClientRun(cfg, method, model, state_tensors(model, method.global_keys(model)))
 
 
-def _run_of(context: Context, config: ConfigRecord) -> ClientRun:
-    """The run this node serves: its config from the node state, or from `config` (the message's), which
-    carries it again to a node that lost it, and is kept."""
+def _keep_config(context: Context, config: ConfigRecord) -> None:
+    """Keep the run's config that a message carries (the opening query, or a train message to a node
+    that lost it) in the node state."""
     if CONFIG in config:
         context.state[RUN_CONFIG] = ConfigRecord({CONFIG: str(config[CONFIG])})
+
+
+def _run_of(context: Context, config: ConfigRecord) -> ClientRun:
+    """The run this node serves, from the config in its node state (or in `config`, which is kept)."""
+    _keep_config(context, config)
     record = context.state.config_records.get(RUN_CONFIG)
     if record is None:
         raise ValueError(f"this node {NO_CONFIG}: it was not asked its partition as the run started (it joined "
@@ -110,7 +115,7 @@ def query(msg: Message, context: Context) -> Message:
     node with its own data, how many training examples it holds. The run's config, which the query
     carries, is kept in the node state for the rest of the run."""
     config = msg.content["config"]
-    context.state[RUN_CONFIG] = ConfigRecord({CONFIG: str(config[CONFIG])})
+    _keep_config(context, config)
     info = ConfigRecord({"partition-id": _partition_id(context)})
     if "num-partitions" in context.node_config:
         info["num-partitions"] = int(context.node_config["num-partitions"])

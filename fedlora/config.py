@@ -122,6 +122,19 @@ def _at_least(cfg: DictConfig, key: str, low: float, strict: bool = False) -> No
         raise ConfigError(f"{key} must be {'>' if strict else '>='} {low} (got {value})")
 
 
+def _schemas(section: str) -> dict[str, type]:
+    """Name -> config dataclass of every method (section "method") or adapter ("adapter")."""
+    return {name: m.Config for name, m in METHODS.items()} if section == "method" else ADAPTERS
+
+
+def _typed_section(cfg: DictConfig, section: str):
+    """The run's `method` or `adapter` section as an instance of its dataclass."""
+    name, schemas = cfg[section].name, _schemas(section)
+    if name not in schemas:
+        raise ConfigError(f"unknown {section} '{name}'; choose one of: {_choices(schemas)}")
+    return typed(schemas[name], cfg[section], f"{section}={name}")
+
+
 def _validate_pretrained(cfg: DictConfig, info) -> None:
     if cfg.model.name == "minilm" and not info.text:
         raise ConfigError(f"model 'minilm' is a pretrained text model; dataset '{cfg.dataset.name}' holds images "
@@ -131,16 +144,14 @@ def _validate_pretrained(cfg: DictConfig, info) -> None:
                           "(model=minilm, or model.hf=ID_OR_PATH of a sequence classifier)")
     if cfg.adapter is None:
         raise ConfigError("a pretrained model is fine-tuned through adapters: add adapter=lora (or lora_nonzero, bora)")
-    if cfg.adapter.name not in ADAPTERS:
-        raise ConfigError(f"unknown adapter '{cfg.adapter.name}'; choose one of: {_choices(ADAPTERS)}")
-    typed(ADAPTERS[cfg.adapter.name], cfg.adapter, f"adapter={cfg.adapter.name}").validate()
+    _typed_section(cfg, "adapter").validate()
     if info.text:
         _at_least(cfg, "model.max_length", 1)
 
 
 def _validate_method(cfg: DictConfig, pretrained: bool) -> None:
+    _typed_section(cfg, "method").validate()
     method = method_class(cfg.method.name)
-    typed(method.Config, cfg.method, f"method={cfg.method.name}").validate()
     adapter_methods = _choices(name for name, m in METHODS.items() if m.needs_adapter)
     if pretrained and not method.needs_adapter:
         raise ConfigError(f"method={cfg.method.name} trains a model from scratch; for a pretrained model choose "
@@ -259,9 +270,9 @@ def resolve(cfg: DictConfig) -> DictConfig:
         cfg.data.cache_dir = absolute(cfg.data.cache_dir, "data.cache_dir")
     validate(cfg)
     # every setting of the method and the adapter written out, defaults included, for the records
-    cfg.method = as_dict(typed(method_class(cfg.method.name).Config, cfg.method, f"method={cfg.method.name}"))
-    if cfg.adapter is not None:
-        cfg.adapter = as_dict(typed(ADAPTERS[cfg.adapter.name], cfg.adapter, f"adapter={cfg.adapter.name}"))
+    for section in ("method", "adapter"):
+        if cfg[section] is not None:
+            cfg[section] = as_dict(_typed_section(cfg, section))
     return cfg
 
 
@@ -293,7 +304,7 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
         if unknown:  # a setting that the chosen method or adapter does not have: say which it has
             key, section = unknown.groups()
             chosen = compose([o for o in overrides if not o.lstrip("+~").startswith(key)], config_name)[section]
-            schemas = {n: m.Config for n, m in METHODS.items()} if section == "method" else ADAPTERS
+            schemas = _schemas(section)
             if chosen is not None and chosen.name in schemas:
                 raise ConfigError(f"{key} is not a setting of {section}={chosen.name}; its settings: "
                                   f"{settings(schemas[chosen.name])}") from e
