@@ -171,6 +171,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         model = method.load(run.model, msg.content["arrays"], server_round,
                             required=method.down_keys(run.model, server_round))
+    method.set_trainable(model, server_round)
     loss = train_local(model, x, y, run.cfg.local, seed=int(config[SEED]))
     metrics = MetricRecord({"num-examples": len(y), "train_loss": loss})
     reply = ArrayRecord(state_tensors(model, method.up_keys(model, server_round)))

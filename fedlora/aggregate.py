@@ -42,3 +42,12 @@ def truncated_factors(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.nda
     u, s, vh = np.linalg.svd(np.asarray(matrix, np.float64), full_matrices=False)
     root = np.sqrt(s[:rank])
     return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def stacked_factors(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray],
+                    coefficients: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """FLoRA's stacking: B = [c_1 B_1 ... c_K B_K] (m x Σ r_k) and A = [A_1; ...; A_K] (Σ r_k x n), so
+    that B A = Σ_k c_k B_k A_k exactly, whatever each client's rank r_k."""
+    b = np.concatenate([np.asarray(b_k, np.float64) * c for b_k, c in zip(bs, coefficients)], axis=1)
+    a = np.concatenate([np.asarray(a_k, np.float64) for a_k in as_], axis=0)
+    return b, a

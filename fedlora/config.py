@@ -50,7 +50,8 @@ class PartitionConfig:
 @dataclass
 class LocalConfig:  # clients' local training
     optimizer: str = MISSING  # sgd or adamw
-    epochs: int = MISSING
+    epochs: int = MISSING  # passes over the client's data per round, unless `steps` is set
+    steps: Optional[int] = None  # a fixed number of optimiser steps per round instead of `epochs`
     batch_size: int = MISSING
     lr: float = MISSING
     momentum: float = MISSING
@@ -143,7 +144,8 @@ def _validate_pretrained(cfg: DictConfig, info) -> None:
         raise ConfigError(f"model 'vit' is a pretrained image model; dataset '{cfg.dataset.name}' is text "
                           "(model=minilm, or model.hf=ID_OR_PATH of a sequence classifier)")
     if cfg.adapter is None:
-        raise ConfigError("a pretrained model is fine-tuned through adapters: add adapter=lora (or lora_nonzero, bora)")
+        raise ConfigError("a pretrained model is fine-tuned through adapters: add adapter=lora (or "
+                          f"{', '.join(sorted(a for a in ADAPTERS if a != 'lora'))})")
     _typed_section(cfg, "adapter").validate()
     if info.text:
         _at_least(cfg, "model.max_length", 1)
@@ -212,6 +214,8 @@ def validate(cfg: DictConfig) -> None:
         )
     for key in ("num_rounds", "local.epochs", "local.batch_size", "eval.batch_size"):
         _at_least(cfg, key, 1)
+    if cfg.local.steps is not None:
+        _at_least(cfg, "local.steps", 1)
     _at_least(cfg, "local.lr", 0, strict=True)
     _at_least(cfg, "local.momentum", 0)
     _at_least(cfg, "local.weight_decay", 0)

@@ -120,7 +120,10 @@ def export_adapted(model: nn.Module, out_dir: str | Path, cfg, num_labels: int, 
     if all(_is_plain_lora(layer) for _, layer in layers):
         image = isinstance(model, ImageClassifier)
         base = load_classifier(cfg.model.hf, num_labels, seed, cfg.model.num_layers, image)
-        return export_peft_lora(hf, out_dir, base, cfg.model.hf, cfg.adapter.targets, cfg.adapter.train, image)
+        # LoRA over the pretrained weights, unless the method folded updates into them (FLoRA, FedEx-LoRA, MUD)
+        if all(torch.equal(layer.weight.detach().cpu(), base.get_submodule(name).weight.detach().cpu())
+               for name, layer in layers):
+            return export_peft_lora(hf, out_dir, base, cfg.model.hf, cfg.adapter.targets, cfg.adapter.train, image)
     merged = copy.deepcopy(hf).cpu()
     for name, layer in delta_layers(merged):
         replace_module(merged, name, layer.as_base())

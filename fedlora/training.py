@@ -10,20 +10,23 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def batch_order(n: int, batch_size: int, epochs: int, seed: int) -> list[torch.Tensor]:
+def batch_order(n: int, batch_size: int, epochs: int, seed: int, steps: int | None = None) -> list[torch.Tensor]:
     """The mini-batches of row indices of `epochs` passes over n rows, each pass a fresh permutation
-    drawn from `seed`. The last batch of a pass may be short."""
+    drawn from `seed`; the last batch of a pass may be short. With `steps`, exactly that many batches
+    instead, from as many passes as they take (the last one cut short)."""
     g = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        batches += list(perm.split(batch_size))
-    return batches
+    batches: list[torch.Tensor] = []
+    passes = 0
+    while n > 0 and (len(batches) < steps if steps is not None else passes < epochs):
+        batches += list(torch.randperm(n, generator=g).split(batch_size))
+        passes += 1
+    return batches[:steps] if steps is not None else batches
 
 
 def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, local, seed: int,
                 device: torch.device | None = None) -> float:
-    """SGD or AdamW over (x, y) as the `local` config says; returns the mean training loss. Dropout
+    """SGD or AdamW over (x, y) as the `local` config says (`local.epochs` passes, or `local.steps`
+    optimiser steps where set); returns the mean training loss. Dropout
     (in pretrained models) draws from `seed` too, so that a client's round is reproducible."""
     device = device or pick_device()
     model.to(device).train()
@@ -36,7 +39,7 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, local, seed:
     total, count = 0.0, 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for idx in batch_order(len(y), local.batch_size, local.epochs, seed):
+        for idx in batch_order(len(y), local.batch_size, local.epochs, seed, local.get("steps")):
             xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)

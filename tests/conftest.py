@@ -136,6 +136,12 @@ PRESETS = {
     "lora_fair-lora": TINY_TEXT + ["method=lora_fair", "adapter=lora"],
     "lora_fair-bora": TINY_TEXT + ["method=lora_fair", "adapter=bora"],
     "flexlora-lora": TINY_TEXT + ["method=flexlora", "adapter=lora"],
+    "flora-lora": TINY_TEXT + ["method=flora", "adapter=lora"],
+    "fedex_lora-lora_nonzero": TINY_TEXT + ["method=fedex_lora", "adapter=lora_nonzero"],
+    "rolora-lora": TINY_TEXT + ["method=rolora", "adapter=lora"],
+    "aad_lora": TINY_TEXT + ["method=aad_lora"],
+    "aad_lora_mud-kron_aad": TINY_TEXT + ["method=aad_lora_mud", "adapter=kron_aad"],
+    "fedit-kron": TINY_TEXT + ["method=fedit", "adapter=kron"],
 }
 
 

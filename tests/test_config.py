@@ -35,7 +35,7 @@ def test_model_defaults_to_the_papers_model_for_the_dataset(tmp_path):
 @pytest.mark.parametrize("overrides, words", [
     (["dataset.name=mnist"], ["unknown dataset 'mnist'", "cifar10", "fmnist"]),
     (["model.name=swin"], ["unknown model 'swin'", "resnet18", "vgg_cifar", "vit"]),
-    (["method.name=fedfoo"], ["unknown method 'fedfoo'", "fedavg, fedit", "fedmud_bkd_aad"]),
+    (["method.name=fedfoo"], ["unknown method 'fedfoo'", "fedavg, fedex_lora, fedit", "fedmud_bkd_aad"]),
     (["method=fedmud", "method.strategy=fedavg"], ["method.strategy is not a setting of method=fedmud",
                                                    "compression_ratio", "interval"]),
     (["method=fedmud", "+method.strategy=fedavg"], ["method=fedmud has no setting 'strategy'"]),
@@ -47,7 +47,7 @@ def test_model_defaults_to_the_papers_model_for_the_dataset(tmp_path):
                                                              "compression_ratio, dense_first_last"]),
     (["dataset=agnews", "adapter=lora", "adapter.blocks=2"], ["adapter.blocks is not a setting of adapter=lora"]),
     (["dataset=agnews", "adapter=lora", "method=lora_fair", "method.fair_steps=0"], ["method.fair_steps >= 1"]),
-    (["dataset=agnews", "adapter=bora", "method=flexlora"], ["adapter=bora is not a product B A"]),
+    (["dataset=agnews", "adapter=bora", "method=flexlora"], ["adapter=bora is not one of them: use adapter=lora or lora_nonzero"]),
     (["dataset=agnews"], ["fine-tuned through adapters", "adapter=lora"]),
     (["dataset=agnews", "model=fmnist_cnn"], ["dataset 'agnews' is text", "model=minilm"]),
     (["adapter=lora"], ["adapter=lora fine-tunes a pretrained model"]),

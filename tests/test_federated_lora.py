@@ -146,7 +146,7 @@ def test_flexlora_sets_the_global_adapters_to_the_truncation_of_the_mean_update(
 
 
 def test_flexlora_refuses_an_adapter_that_is_not_a_product():
-    with pytest.raises(ConfigError, match="adapter=bora is not a product B A"):
+    with pytest.raises(ConfigError, match="adapter=bora is not one of them: use adapter=lora or lora_nonzero"):
         resolve(compose(TINY_TEXT + ["method=flexlora", "adapter=bora"]))
 
 

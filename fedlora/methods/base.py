@@ -70,6 +70,13 @@ def trained_keys(model: nn.Module) -> list[str]:
     return keys
 
 
+def folded_keys(model: nn.Module) -> list[str]:
+    """The trained state entries and the frozen weights W of the delta layers: the global state of a
+    method that folds updates into W (FedMUD, FLoRA, FedEx-LoRA)."""
+    keys = set(trained_keys(model)) | {f"{name}.weight" for name, _ in delta_layers(model)}
+    return [k for k in model.state_dict() if k in keys]
+
+
 class Method:
     """FedAvg (McMahan et al. 2017): clients train the whole model; the server averages what they
     send, weighted by their numbers of examples."""
@@ -105,6 +112,10 @@ class Method:
         received, the server with the global arrays it evaluates, a replica with its own."""
         self.regenerate(model, server_round)
         return load_arrays(model, arrays, required=required)
+
+    def set_trainable(self, model: nn.Module, server_round: int) -> None:
+        """Which parameters a client trains in `server_round`, before it trains: those that train as
+        built, unless the method alternates (RoLoRA)."""
 
     def factor_seed(self, server_round: int) -> int:
         """The seed of the factors in use in `server_round` (0: the initial model); drawn once, unless
@@ -189,13 +200,15 @@ class FactorizedMethod(Method):
 def mean_update(model: nn.Module, updates: list[Update]) -> dict[str, torch.Tensor]:
     """Σ_k p_k ΔW_k of each adapted layer (ΔW unscaled: B A for LoRA), p_k the clients' shares of the
     examples: what the clients' updates average to, which averaging their factors does not give.
-    Each update is loaded into `model` in turn: the caller then writes the new global state into it."""
+    Each update is loaded into `model` in turn, and the model's own values are put back after."""
     mean: dict[str, torch.Tensor] = {}
+    before = state_tensors(model, updates[0].arrays)
     with torch.no_grad():
         for update, share in zip(updates, weights(updates)):
             load_arrays(model, update.arrays)
             for name, layer in delta_layers(model):
                 mean[name] = mean.get(name, 0) + layer.delta.matrix() * share
+    load_arrays(model, before)
     return mean
 
 
@@ -204,10 +217,19 @@ class AdapterMethod(Method):
     weights stay frozen and never travel; the adapters and the new head train and travel."""
 
     needs_adapter = True
+    # the adapters the method's math needs (None: any), and why, for the error that refuses the others
+    adapters: ClassVar[tuple[str, ...] | None] = None
+    adapters_because: ClassVar[str] = ""
 
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)
         self.adapter: AdapterConfig = typed(ADAPTERS[cfg.adapter.name], cfg.adapter, f"adapter={cfg.adapter.name}")
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        if cls.adapters is not None and cfg.adapter is not None and cfg.adapter.name not in cls.adapters:
+            raise ConfigError(f"method={cls.name} {cls.adapters_because}; adapter={cfg.adapter.name} is not one of "
+                              f"them: use adapter={' or '.join(cls.adapters)}")
 
     def build(self, dense: nn.Module) -> nn.Module:
         inject_adapters(dense, self.adapter)

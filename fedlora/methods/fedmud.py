@@ -27,7 +27,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from fedlora.errors import ConfigError
-from fedlora.methods.base import FactorizedMethod, trained_keys
+from fedlora.methods.base import FactorizedMethod, MethodConfig, folded_keys
 from fedlora.methods.registry import register_method
 from fedlora.parametrizations.base import delta_key, delta_layers, reset_deltas
 from fedlora.seeds import derive_seed
@@ -35,40 +35,38 @@ from fedlora.seeds import derive_seed
 DOWNLINKS = ("global", "broadcast_update")
 
 
-@register_method("fedmud")
-class FedMUD(FactorizedMethod):
-    """MUD alone: ΔW = L R, L ~ U(-a, a) and R = 0, both trained (inexact)."""
+@dataclass
+class MUDConfig(MethodConfig):
+    interval: int = MISSING  # fold ΔW into W and redraw the factors every `interval` rounds
+    # global: sampled clients receive the global weights; broadcast_update: every client receives
+    # each round's aggregated update and keeps its own replica
+    downlink: str = "global"
 
-    factorization = "lowrank"
+    def validate(self) -> None:
+        super().validate()
+        if self.interval < 1:
+            raise ConfigError(f"method.interval must be >= 1 (got {self.interval})")
+        if self.downlink not in DOWNLINKS:
+            raise ConfigError(f"method.downlink must be global or broadcast_update (got {self.downlink})")
 
-    @dataclass
-    class Config(FactorizedMethod.Config):
-        interval: int = MISSING  # fold ΔW into W and redraw the factors every `interval` rounds
-        init_magnitude: float = MISSING  # the random factors are drawn from U(-a, a)
-        # global: sampled clients receive the global weights; broadcast_update: every client receives
-        # each round's aggregated update and keeps its own replica
-        downlink: str = "global"
 
-        def validate(self) -> None:
-            super().validate()
-            if self.interval < 1:
-                raise ConfigError(f"method.interval must be >= 1 (got {self.interval})")
-            if not self.init_magnitude > 0:
-                raise ConfigError(f"method.init_magnitude must be > 0 (got {self.init_magnitude})")
-            if self.downlink not in DOWNLINKS:
-                raise ConfigError(f"method.downlink must be global or broadcast_update (got {self.downlink})")
+class MUD:
+    """Model Update Decomposition's round protocol, for a Method whose config is a MUDConfig: every
+    `interval` rounds the delta is folded into the frozen weights W and redrawn from a round seed. W
+    then belongs to the global state and travels down (or, with `downlink: broadcast_update`, every
+    client keeps a replica and is sent each round's update)."""
 
     @property
-    def magnitude(self) -> float:
-        return self.config.init_magnitude
+    def interval(self) -> int:
+        """Rounds between folds."""
+        return self.config.interval
 
-    # --- round protocol: fold and redraw ----------------------------------------------------------
     def redraws(self, server_round: int) -> bool:
         """Whether the update is folded into W and the factors redrawn as this round starts."""
-        return server_round >= 1 and (server_round - 1) % self.config.interval == 0
+        return server_round >= 1 and (server_round - 1) % self.interval == 0
 
     def factor_seed(self, server_round: int) -> int:
-        last_redraw = server_round - (server_round - 1) % self.config.interval if server_round >= 1 else 0
+        last_redraw = server_round - (server_round - 1) % self.interval if server_round >= 1 else 0
         return derive_seed(self.cfg.seed, "factors", last_redraw)
 
     def regenerate(self, model: nn.Module, server_round: int) -> None:
@@ -86,11 +84,9 @@ class FedMUD(FactorizedMethod):
     def broadcasts(self) -> bool:
         return self.config.downlink == "broadcast_update"
 
-    # --- what travels -----------------------------------------------------------------------------
     def global_keys(self, model: nn.Module) -> list[str]:
         """What trains, and the frozen weights W that the folds change."""
-        keys = set(trained_keys(model)) | {f"{name}.weight" for name, _ in delta_layers(model)}
-        return [k for k in model.state_dict() if k in keys]
+        return folded_keys(model)
 
     def down_keys(self, model: nn.Module, server_round: int) -> list[str]:
         if self.broadcasts:
@@ -99,6 +95,26 @@ class FedMUD(FactorizedMethod):
             return self.global_keys(model)
         redrawn = {delta_key(name, p) for name, layer in delta_layers(model) for p, _ in layer.delta.named_parameters()}
         return [k for k in self.global_keys(model) if k not in redrawn]
+
+
+@register_method("fedmud")
+class FedMUD(MUD, FactorizedMethod):
+    """MUD alone: ΔW = L R, L ~ U(-a, a) and R = 0, both trained (inexact)."""
+
+    factorization = "lowrank"
+
+    @dataclass
+    class Config(MUDConfig, FactorizedMethod.Config):
+        init_magnitude: float = MISSING  # the random factors are drawn from U(-a, a)
+
+        def validate(self) -> None:
+            super().validate()
+            if not self.init_magnitude > 0:
+                raise ConfigError(f"method.init_magnitude must be > 0 (got {self.init_magnitude})")
+
+    @property
+    def magnitude(self) -> float:
+        return self.config.init_magnitude
 
 
 @register_method("fedmud_bkd")

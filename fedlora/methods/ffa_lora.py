@@ -11,6 +11,9 @@ from fedlora.parametrizations.base import delta_layers
 
 @register_method("ffa_lora")
 class FFALoRA(AdapterMethod):
+    adapters = ("lora", "lora_nonzero", "bora")
+    adapters_because = "trains only the adapter's B"
+
     def build(self, dense: nn.Module) -> nn.Module:
         model = super().build(dense)
         # A, and BoRA's σ (which mixes A's blocks), keep their seeded values: frozen, so never sent

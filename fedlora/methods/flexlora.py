@@ -11,11 +11,9 @@ must be a product B A, so the adapter is LoRA (zero or non-zero initialisation),
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
 from torch import nn
 
 from fedlora.aggregate import Update, truncated_factors, weighted_mean
-from fedlora.errors import ConfigError
 from fedlora.methods.base import AdapterMethod, mean_update
 from fedlora.methods.registry import register_method
 from fedlora.parametrizations.base import delta_key, delta_layers
@@ -24,11 +22,8 @@ from fedlora.state import load_arrays
 
 @register_method("flexlora")
 class FlexLoRA(AdapterMethod):
-    @classmethod
-    def check(cls, cfg: DictConfig) -> None:
-        if cfg.adapter is not None and cfg.adapter.name not in ("lora", "lora_nonzero"):
-            raise ConfigError(f"method=flexlora splits the SVD of Σ p_k B_k A_k back into LoRA factors B and A; "
-                              f"adapter={cfg.adapter.name} is not a product B A: use adapter=lora or lora_nonzero")
+    adapters = ("lora", "lora_nonzero")
+    adapters_because = "splits the SVD of Σ p_k B_k A_k back into LoRA's factors B and A, so the update must be B A"
 
     def aggregate(self, model: nn.Module, updates: list[Update]) -> None:
         mean = mean_update(model, updates)  # Σ p_k B_k A_k of each adapted layer

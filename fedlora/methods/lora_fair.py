@@ -41,6 +41,9 @@ def fair_refine(delta: Delta, ideal: torch.Tensor, lam: float, steps: int, lr: f
 
 @register_method("lora_fair")
 class LoRAFAIR(AdapterMethod):
+    adapters = ("lora", "lora_nonzero", "bora")
+    adapters_because = "corrects the adapter's B"
+
     @dataclass
     class Config(MethodConfig):
         fair_lambda: float = MISSING  # weight of ||ΔB||² in the refinement of B
@@ -59,7 +62,6 @@ class LoRAFAIR(AdapterMethod):
         c = self.config
         for name, layer in delta_layers(model):
             key = delta_key(name, "lora_B")
-            if key in averaged:
-                refined = fair_refine(layer.delta, ideal[name], c.fair_lambda, c.fair_steps, c.fair_lr)
-                averaged[key] = refined.cpu().numpy().astype(averaged[key].dtype)
+            refined = fair_refine(layer.delta, ideal[name], c.fair_lambda, c.fair_steps, c.fair_lr)
+            averaged[key] = refined.cpu().numpy().astype(averaged[key].dtype)
         load_arrays(model, averaged)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from omegaconf import MISSING
@@ -26,6 +27,9 @@ from torch import nn
 
 from fedlora.errors import ConfigError
 from fedlora.parametrizations.base import Delta, DeltaLayer, adaptable_layers, inject, matches, matrix_shape
+from fedlora.parametrizations.factorizations import (AggregationAwareKronecker, AggregationAwareLowRank, Kronecker,
+                                                     KronShape)
+from fedlora.parametrizations.sizing import kron_shapes
 from fedlora.seeds import cpu_generator, uniform
 
 
@@ -165,8 +169,70 @@ class BoRAConfig(AdapterConfig):
         return BoRA(m, n, self.r, self.blocks)
 
 
+@dataclass
+class DecomposedConfig(AdapterConfig):
+    """FedMUD's decompositions (`factorizations.py`) as adapters on a pretrained layer: its random
+    factors drawn from U(-a, a), by default a = 1/sqrt(n) (LoRA's A), its trained ones from zero, so
+    the model starts at the pretrained one."""
+
+    init_magnitude: Optional[float] = None  # a; null: 1/sqrt(in) of each layer
+
+    def validate(self) -> None:
+        super().validate()
+        if self.init_magnitude is not None and not self.init_magnitude > 0:
+            raise ConfigError(f"adapter.init_magnitude must be > 0 (got {self.init_magnitude})")
+
+    def magnitude(self, n: int) -> float:
+        return self.init_magnitude if self.init_magnitude is not None else 1.0 / math.sqrt(n)
+
+
+@dataclass
+class AADLoRAConfig(DecomposedConfig):
+    """ΔW = L1 R1 + L2 R2 (`AggregationAwareLowRank`): L1 (m x r) and R2 (r x n) frozen from the seed,
+    R1 and L2 trained from zero. LoRA's (m + n) r trainable numbers; linear in them, so averaging them
+    averages the updates exactly; the update's rank reaches 2r."""
+
+    def delta(self, m: int, n: int) -> Delta:
+        _check_size("r", self.r, m, n)
+        return AggregationAwareLowRank(m, n, self.r, self.magnitude(n))
+
+
+def kron_shape_for(m: int, n: int, r: int) -> KronShape:
+    """The grid of Kronecker blocks with the most trainable numbers of one term that LoRA of rank r
+    would train on an m x n layer ((m + n) r), the highest rank first among equals."""
+    budget = (m + n) * r
+    fitting = [s for s in kron_shapes(m, n) if s.count <= budget]
+    if not fitting:
+        raise ConfigError(f"no grid of Kronecker blocks on a {m}x{n} layer trains at most (m + n) r = {budget} "
+                          f"numbers: raise adapter.r")
+    return max(fitting, key=lambda s: (s.count, s.max_rank, s.blocks))
+
+
+@dataclass
+class KronConfig(DecomposedConfig):
+    """BKD on a pretrained layer: ΔW a grid of Kronecker blocks A ⊗ B (`Kronecker`), A random, B zero,
+    both trained, sized to train as many numbers as LoRA of rank r (at most). Inexact when averaged
+    (A and B both train)."""
+
+    def delta(self, m: int, n: int) -> Delta:
+        return Kronecker(m, n, kron_shape_for(m, n, self.r), self.magnitude(n))
+
+
+@dataclass
+class KronAADConfig(DecomposedConfig):
+    """BKD with AAD: each block A1 ⊗ B1 + A2 ⊗ B2 (`AggregationAwareKronecker`), A1 and B2 frozen,
+    B1 and A2 trained from zero; the grid sized so that the trained B1 and A2 together train as many
+    numbers as LoRA of rank r (at most). Exact when averaged."""
+
+    def delta(self, m: int, n: int) -> Delta:
+        return AggregationAwareKronecker(m, n, kron_shape_for(m, n, self.r), self.magnitude(n))
+
+
 # adapter name (conf/adapter/<name>.yaml) -> its config; the config builds the Delta
-ADAPTERS: dict[str, type[AdapterConfig]] = {"lora": LoRAConfig, "lora_nonzero": LoRAConfig, "bora": BoRAConfig}
+ADAPTERS: dict[str, type[AdapterConfig]] = {
+    "lora": LoRAConfig, "lora_nonzero": LoRAConfig, "bora": BoRAConfig,
+    "aad_lora": AADLoRAConfig, "kron": KronConfig, "kron_aad": KronAADConfig,
+}
 
 
 def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:

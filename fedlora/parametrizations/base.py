@@ -130,10 +130,16 @@ class DeltaLayer(nn.Module):
                 self._subtracted = self.scaled_delta().to(self.weight.dtype).clone()
                 self.weight -= self._subtracted
 
-    def fold(self) -> None:
-        """W += s ΔW; the caller then redraws the delta (FedMUD's fold and redraw)."""
+    def fold(self, change: torch.Tensor | None = None) -> None:
+        """W += s ΔW, or W += `change` (an m x n matrix, scaled) where given; after a fold of the delta
+        the caller redraws it (FedMUD's fold and redraw), and what `reset` had taken out of W is part
+        of what was folded: the next reset does not put it back."""
         with torch.no_grad():
-            self.weight += self.scaled_delta().to(self.weight.dtype)
+            if change is None:
+                self.weight += self.scaled_delta().to(self.weight.dtype)
+                self._subtracted = None
+            else:
+                self.weight += change.reshape(self.weight_shape).to(self.weight)
 
     def as_base(self) -> nn.Module:
         """A plain Conv2d or Linear with the weight W + s ΔW (the layer merged)."""
