@@ -7,7 +7,11 @@ arrays that the method sends down. From the config, the client builds the same m
 Under a method that broadcasts (FedMUD's method.downlink=broadcast_update), the client keeps a replica
 of the global model in its node state instead, updated after every round.
 
-A process builds its model once per run and reuses it for every client and round it serves: what
+Under a personalised method (FedSA-LoRA) the client keeps what it never sends (its B) in its node
+state too. Under eval.clients it trains on all but a seeded held-out fraction of its data and answers
+the server's evaluate message with its accuracy on that fraction.
+
+A process builds its model once per run (and adapter rank) and reuses it for every client and round it serves: what
 the method draws from the seeds and what the server sends overwrite everything that training changes.
 
 What a node holds itself is its node config:
@@ -17,6 +21,8 @@ What a node holds itself is its node config:
   where that exists on the node, else the node's FEDLORA_DATA);
 - `local-data` (optional): a folder laid out like a data root whose whole training split is this
   node's own data (no partitioning); the server learns only how many examples it holds;
+- `rank` (optional): the adapter rank this node trains, under a method that takes heterogeneous
+  ranks (an edge GPU with less memory trains a smaller adapter);
 - `num-threads` (optional): torch threads; by default torch's, which Ray sets to a virtual client's
   CPU share.
 """
@@ -35,24 +41,27 @@ from torch import nn
 
 from fedlora.config import from_json
 from fedlora.data import has_dataset
-from fedlora.federated_data import client_tensors, local_tensors
+from fedlora.federated_data import client_tensors, local_tensors, split_for_clients, train_count
 from fedlora.methods import Method, make_method
 from fedlora.paths import absolute
-from fedlora.protocol import APPLY_UPDATE, CONFIG, NO_CONFIG, PARTITION, ROUND, SEED
+from fedlora.protocol import APPLY_UPDATE, CONFIG, INIT_UPDATE, NO_CONFIG, NO_FIXED, PARTITION, RANK, ROUND, SEED
 from fedlora.state import load_arrays, state_tensors
-from fedlora.training import train_local
+from fedlora.training import evaluate, train_local
 
 app = ClientApp()
 
-# In the node state: the run's config, and under a method that broadcasts, this node's replica of the
-# global model and the round whose update it holds.
+# In the node state: the run's config; under a method that broadcasts, this node's replica of the
+# global model and the round whose update it holds; under a personalised method, its own factors.
 RUN_CONFIG, REPLICA, REPLICA_ROUND = "fedlora.run-config", "fedlora.replica", "fedlora.replica-round"
+PERSONAL = "fedlora.personal"  # what the client keeps for itself (FedSA-LoRA's B)
+FIXED = "fedlora.fixed"  # what the server sent once and never changes (Fed-SB's B and A)
 
 
 @dataclass
 class ClientRun:
     """What a process builds once per run: the config, the method, the model it trains, and that
-    model's initial global state (the replica's starting point)."""
+    model's initial global and personal state (the replica's starting point, and a client's own
+    factors before it first trained)."""
 
     cfg: DictConfig
     method: Method
@@ -60,12 +69,12 @@ class ClientRun:
     initial: dict[str, torch.Tensor]
 
 
-@lru_cache(maxsize=2)
-def _client_run(config_json: str) -> ClientRun:
+@lru_cache(maxsize=4)  # a process may serve clients of several adapter ranks
+def _client_run(config_json: str, rank: int | None = None) -> ClientRun:
     cfg = from_json(config_json)
     method = make_method(cfg)
-    model = method.initial_model()
-    return ClientRun(cfg, method, model, state_tensors(model, method.global_keys(model)))
+    model = method.initial_model(rank)
+    return ClientRun(cfg, method, model, state_tensors(model, method.global_keys(model) + method.personal_keys(model)))
 
 
 def _keep_config(context: Context, config: ConfigRecord) -> None:
@@ -76,13 +85,14 @@ def _keep_config(context: Context, config: ConfigRecord) -> None:
 
 
 def _run_of(context: Context, config: ConfigRecord) -> ClientRun:
-    """The run this node serves, from the config in its node state (or in `config`, which is kept)."""
+    """The run this node serves, from the config in its node state (or in `config`, which is kept),
+    with its model at the adapter rank that `config` gives (under heterogeneous ranks)."""
     _keep_config(context, config)
     record = context.state.config_records.get(RUN_CONFIG)
     if record is None:
         raise ValueError(f"this node {NO_CONFIG}: it was not asked its partition as the run started (it joined "
                          "later, or was restarted); the server sends it with the node's next train message")
-    return _client_run(str(record[CONFIG]))
+    return _client_run(str(record[CONFIG]), int(config[RANK]) if RANK in config else None)
 
 
 def _partition_id(context: Context) -> int:
@@ -119,9 +129,12 @@ def query(msg: Message, context: Context) -> Message:
     info = ConfigRecord({"partition-id": _partition_id(context)})
     if "num-partitions" in context.node_config:
         info["num-partitions"] = int(context.node_config["num-partitions"])
+    if RANK in context.node_config:  # the adapter rank this node trains, under heterogeneous ranks
+        info[RANK] = int(context.node_config[RANK])
     if "local-data" in context.node_config:
         cfg = from_json(str(config[CONFIG]))
-        info["num-examples"] = len(_training_data(cfg, context, _partition_id(context))[1])
+        pid = _partition_id(context)
+        info["num-examples"] = train_count(cfg, pid, len(_training_data(cfg, context, pid)[1]))
     return Message(RecordDict({"info": info}), reply_to=msg)
 
 
@@ -139,6 +152,37 @@ def _replica(run: ClientRun, context: Context, server_round: int) -> nn.Module:
     else:
         method.load(model, context.state.array_records[REPLICA], server_round, required=method.global_keys(model))
     return model
+
+
+def _with_personal(run: ClientRun, context: Context, model: nn.Module) -> nn.Module:
+    """The model with what this client keeps for itself: as it last left it, or its initial value."""
+    keys = run.method.personal_keys(model)
+    if keys:
+        own = context.state.array_records.get(PERSONAL)
+        load_arrays(model, own if own is not None else {k: run.initial[k] for k in keys}, required=keys)
+    return model
+
+
+def _received(run: ClientRun, context: Context, arrays, server_round: int) -> nn.Module:
+    """The model as the server sent it for `server_round`: the arrays, and what it sent once and this
+    node keeps (the method's fixed state), which the arrays carry only the first time."""
+    method, model = run.method, run.model
+    fixed = method.fixed_keys(model)
+    if fixed and all(k in arrays for k in fixed):
+        context.state[FIXED] = ArrayRecord({k: arrays[k] for k in fixed})
+    elif fixed and FIXED not in context.state.array_records:
+        raise ValueError(f"this node {NO_FIXED} (it was restarted): the server sends it with the next train message")
+    needed = [k for k in method.down_keys(model, server_round) if k not in fixed]
+    model = method.load(model, arrays, server_round, required=needed)
+    if fixed:
+        load_arrays(model, context.state.array_records[FIXED], required=fixed)
+    return model
+
+
+def _partition_data(run: ClientRun, context: Context, pid: int, held_out: bool = False):
+    """This client's (x, y) to train on, or (held_out) to evaluate on under eval.clients."""
+    train, held = split_for_clients(run.cfg, pid, *_training_data(run.cfg, context, pid))
+    return held if held_out else train
 
 
 @app.train(APPLY_UPDATE)
@@ -164,15 +208,50 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"server asked for partition {pid}, this node holds {_partition_id(context)}")
     if "num-threads" in context.node_config:
         torch.set_num_threads(int(context.node_config["num-threads"]))
-    x, y = _training_data(run.cfg, context, pid)
+    x, y = _partition_data(run, context, pid)
     method = run.method
     if method.broadcasts:
         model = _replica(run, context, server_round)
     else:
-        model = method.load(run.model, msg.content["arrays"], server_round,
-                            required=method.down_keys(run.model, server_round))
+        model = _received(run, context, msg.content["arrays"], server_round)
+    _with_personal(run, context, model)
     method.set_trainable(model, server_round)
     loss = train_local(model, x, y, run.cfg.local, seed=int(config[SEED]))
+    if method.personal_keys(model):
+        context.state[PERSONAL] = ArrayRecord(state_tensors(model, method.personal_keys(model)))
     metrics = MetricRecord({"num-examples": len(y), "train_loss": loss})
     reply = ArrayRecord(state_tensors(model, method.up_keys(model, server_round)))
     return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
+
+
+@app.train(INIT_UPDATE)
+def init_update(msg: Message, context: Context) -> Message:
+    """A method that initialises from the clients' data (Fed-SB): this client's share, from the
+    initial model and its own training examples."""
+    config = msg.content["config"]
+    run = _run_of(context, config)
+    pid = int(config[PARTITION])
+    if pid != _partition_id(context):
+        raise ValueError(f"server asked for partition {pid}, this node holds {_partition_id(context)}")
+    x, y = _partition_data(run, context, pid)
+    run.method.load(run.model, run.initial, 0, required=run.initial)
+    arrays, count, loss = run.method.init_update(run.model, x, y, int(config[SEED]))
+    return Message(RecordDict({"arrays": ArrayRecord(arrays),
+                               "metrics": MetricRecord({"num-examples": count, "train_loss": loss})}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_client(msg: Message, context: Context) -> Message:
+    """Under eval.clients: the accuracy and loss, on this client's held-out examples, of the model it
+    would start the next round from (the global model of the round, with what it keeps for itself)."""
+    config = msg.content["config"]
+    run = _run_of(context, config)
+    server_round, pid = int(config[ROUND]), int(config[PARTITION])
+    if pid != _partition_id(context):
+        raise ValueError(f"server asked for partition {pid}, this node holds {_partition_id(context)}")
+    x, y = _partition_data(run, context, pid, held_out=True)
+    arrays = msg.content["arrays"]
+    model = _with_personal(run, context, run.method.load(run.model, arrays, server_round, required=arrays.keys()))
+    accuracy, loss = evaluate(model, x, y, run.cfg.eval.batch_size)
+    return Message(RecordDict({"metrics": MetricRecord({"accuracy": accuracy, "loss": loss, "num-examples": len(y)})}),
+                   reply_to=msg)

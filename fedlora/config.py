@@ -85,6 +85,10 @@ class SimulationConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = MISSING  # server-side evaluation on the test split
+    # each client also evaluates the model it would start from (the global one, or its personalised
+    # one) on a seeded held-out fraction of its partition, after every round; it trains on the rest
+    clients: bool = False
+    client_fraction: float = 0.2
 
 
 @dataclass
@@ -190,7 +194,7 @@ def validate(cfg: DictConfig) -> None:
                 f"model '{cfg.model.name}' takes {MODELS[cfg.model.name].input_shape} inputs but dataset "
                 f"'{cfg.dataset.name}' has {info.shape}; leave model=auto for the dataset's own model"
             )
-        if cfg.adapter is not None:
+        if cfg.adapter is not None and not method_class(cfg.method.name).needs_adapter:
             raise ConfigError(f"adapter={cfg.adapter.name} fine-tunes a pretrained model; model "
                               f"'{cfg.model.name}' trains from scratch (use method=fedmud... for low-rank updates)")
     _validate_method(cfg, pretrained)
@@ -216,6 +220,8 @@ def validate(cfg: DictConfig) -> None:
         _at_least(cfg, key, 1)
     if cfg.local.steps is not None:
         _at_least(cfg, "local.steps", 1)
+    if not 0 < cfg.eval.client_fraction < 1:
+        raise ConfigError(f"eval.client_fraction must be in (0, 1) (got {cfg.eval.client_fraction})")
     _at_least(cfg, "local.lr", 0, strict=True)
     _at_least(cfg, "local.momentum", 0)
     _at_least(cfg, "local.weight_decay", 0)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedlora.data import DATASETS, Split, load_full, load_train_test, to_tensors
 from fedlora.errors import DataError
 from fedlora.partition import partition_indices
+from fedlora.seeds import derive_seed
 
 
 def _data_key(cfg: DictConfig) -> str:
@@ -75,3 +76,25 @@ def local_tensors(cfg: DictConfig, root: str) -> tuple[torch.Tensor, torch.Tenso
 def test_tensors(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
     _, test, _ = federated_data(cfg)
     return to_tensors(test, cfg.dataset.name)
+
+
+def holdout(n: int, fraction: float, seed: int, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A client's rows split into (train, held out) under eval.clients: a seeded `fraction` of them
+    (at least one, and at least one left to train on when there are two) held out."""
+    held = min(max(1, round(fraction * n)), n - 1) if n > 1 else 0
+    order = np.random.default_rng(derive_seed(seed, "client-holdout", partition_id)).permutation(n)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def split_for_clients(cfg: DictConfig, partition_id: int, x: torch.Tensor,
+                      y: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """((x, y) to train on, (x, y) held out) of a client: all of it, and nothing, unless eval.clients."""
+    if not cfg.eval.clients:
+        return (x, y), (x[:0], y[:0])
+    train, held = (torch.from_numpy(i) for i in holdout(len(y), cfg.eval.client_fraction, cfg.seed, partition_id))
+    return (x[train], y[train]), (x[held], y[held])
+
+
+def train_count(cfg: DictConfig, partition_id: int, n: int) -> int:
+    """How many of a client's n examples it trains on."""
+    return len(holdout(n, cfg.eval.client_fraction, cfg.seed, partition_id)[0]) if cfg.eval.clients else n

@@ -89,13 +89,19 @@ class RunRecorder:
             row["num_clients"], human_bytes(row["bytes_up"]), human_bytes(row["bytes_down"]),
             human_bytes(row["cum_bytes_up"]), row["round_seconds"],
         )
+        if "client_accuracy_mean" in row:
+            log.info("round %d/%d | clients' own held-out data: acc mean %.4f | worst %.4f | spread %.4f | %d clients",
+                     row["round"], self.cfg.num_rounds, row["client_accuracy_mean"], row["client_accuracy_worst"],
+                     row["client_accuracy_std"], row["clients_evaluated"])
 
     def _write_board(self, row: dict[str, Any]) -> None:
         step = row["round"]
         for key, tag in (("test_accuracy", "test/accuracy"), ("test_loss", "test/loss"), ("train_loss", "train/loss"),
                          ("bytes_up", "bytes/up"), ("bytes_down", "bytes/down"), ("cum_bytes_up", "bytes/cum_up"),
-                         ("cum_bytes_down", "bytes/cum_down"), ("round_seconds", "time/round_seconds")):
-            if row[key] is not None:
+                         ("cum_bytes_down", "bytes/cum_down"), ("round_seconds", "time/round_seconds"),
+                         ("client_accuracy_mean", "clients/accuracy_mean"), ("client_accuracy_worst", "clients/accuracy_worst"),
+                         ("client_accuracy_std", "clients/accuracy_std")):
+            if row.get(key) is not None:
                 self._board.add_scalar(tag, row[key], step)
         # TensorBoard's steps are integers: accuracy against the uplink kB sent so far
         self._board.add_scalar("test/accuracy_vs_uplink_kB", row["test_accuracy"], row["cum_bytes_up"] // 1000)

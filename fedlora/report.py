@@ -262,6 +262,9 @@ def row_stats(runs: Sequence[Run], target: float | None) -> dict[str, Any]:
         "bytes_up": Stat.of([r.rows[-1]["cum_bytes_up"] if r.rows else None for r in runs]),
         "bytes_down": Stat.of([r.rows[-1]["cum_bytes_down"] if r.rows else None for r in runs]),
         "wall_seconds": Stat.of([r.wall_seconds() for r in runs]),
+        # eval.clients: the clients' own held-out accuracy in the last round, mean over clients and the worst
+        "client_accuracy_mean": Stat.of([r.rows[-1].get("client_accuracy_mean") if r.rows else None for r in runs]),
+        "client_accuracy_worst": Stat.of([r.rows[-1].get("client_accuracy_worst") if r.rows else None for r in runs]),
     }
     if target is not None:
         hits = [r.first_reaching(target) for r in runs]
@@ -309,10 +312,20 @@ def _target_cells(row: TableRow, target: float | None) -> list[str]:
     return [missed, missed]
 
 
+CLIENT_MEASURES = ("client_accuracy_mean", "client_accuracy_worst")
+
+
+def _has_client_scores(rows: Sequence[TableRow]) -> bool:
+    return any(r.stats["client_accuracy_mean"].n for r in rows)
+
+
 def markdown_table(rows: Sequence[TableRow], target: float | None) -> str:
     head = ["config", "status", "seeds", "rounds", "final accuracy", "best accuracy", "uplink total", "downlink total"]
     if target is not None:
         head += [f"uplink to {target:g}", f"rounds to {target:g}"]
+    clients = _has_client_scores(rows)
+    if clients:
+        head += ["clients' accuracy (mean)", "worst client"]
     head.append("wall time")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -320,7 +333,9 @@ def markdown_table(rows: Sequence[TableRow], target: float | None) -> str:
                  str(len(r.runs[0].rows)) if r.status == "completed" else f"{len(r.runs[0].rows)}/{r.runs[0].planned}",
                  r.stats["final_accuracy"].text(_acc), r.stats["best_accuracy"].text(_acc),
                  r.stats["bytes_up"].text(human_bytes), r.stats["bytes_down"].text(human_bytes),
-                 *_target_cells(r, target), r.stats["wall_seconds"].text(_secs)]
+                 *_target_cells(r, target),
+                 *([r.stats[m].text(_acc) for m in CLIENT_MEASURES] if clients else []),
+                 r.stats["wall_seconds"].text(_secs)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -329,6 +344,8 @@ def write_csv(path: Path, rows: Sequence[TableRow], keys: Sequence[str], target:
     measures = ["final_accuracy", "best_accuracy", "bytes_up", "bytes_down", "wall_seconds"]
     if target is not None:
         measures[4:4] = ["bytes_up_to_target", "rounds_to_target"]
+    if _has_client_scores(rows):
+        measures[-1:-1] = list(CLIENT_MEASURES)
     head = ["config", *keys, "status", "runs", "seeds", "rounds"]
     for m in measures:
         head += [f"{m}_mean", f"{m}_std"]

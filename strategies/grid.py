@@ -34,10 +34,13 @@ class MeteredGrid:
     def __getattr__(self, name):
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
+                         ledger: Ledger | None = None) -> list[Message]:
+        """Send, and wait for the replies; the arrays each way counted into `ledger` (the run's by default)."""
+        ledger = ledger or self.ledger
         messages = list(messages)
         for m in messages:
-            self.ledger.sent(message_bytes(m))
+            ledger.sent(message_bytes(m))
         waiting = set(self._grid.push_messages(messages))
         deadline = time.time() + timeout if timeout is not None else float("inf")
         replies: list[Message] = []
@@ -46,7 +49,7 @@ class MeteredGrid:
                 raise RunInterrupted("stopped by the user")
             got = list(self._grid.pull_messages(waiting))
             for reply in got:
-                self.ledger.received(message_bytes(reply))
+                ledger.received(message_bytes(reply))
             replies += got
             waiting -= {m.metadata.reply_to_message_id for m in got}
             if waiting:

@@ -22,14 +22,14 @@ from omegaconf import DictConfig
 from fedlora.config import compose, from_json, resolve, to_json
 from fedlora.data import DATASETS
 from fedlora.errors import FedloraError, RunInterrupted
-from fedlora.federated_data import federated_data, test_tensors
+from fedlora.federated_data import federated_data, test_tensors, train_count
 from fedlora.hf import export_adapted
 from fedlora.ledger import Ledger
 from fedlora.methods import Method, make_method
 from fedlora.partition import class_histogram
 from fedlora.paths import absolute
 from fedlora.preflight import preflight
-from fedlora.protocol import CONFIG
+from fedlora.protocol import CONFIG, RANK
 from fedlora.records import RunRecorder, human_bytes, setup_logging
 from fedlora.seeds import derive_seed
 from fedlora.training import evaluate, pick_device
@@ -64,16 +64,19 @@ def run_dir_of(context: Context) -> Path:
                 f"{time.strftime('%H-%M-%S', now)}-run{context.run_id}").resolve()
 
 
-def discover_partitions(grid: Grid, cfg: DictConfig, timeout: float) -> tuple[dict[int, int], dict[int, int]]:
+def discover_partitions(grid: Grid, cfg: DictConfig,
+                        timeout: float) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
     """Ask every connected node for its partition id (sampling is done over partition ids, so that it
     does not depend on the node ids that a run happens to assign), giving it the run's config, which
-    it keeps for the run. Returns {partition id: node id} and, for the nodes that train on their own
-    data, {partition id: their number of examples}."""
+    it keeps for the run. Returns {partition id: node id}, for the nodes that train on their own
+    data {partition id: their number of examples}, and for the nodes that set their own adapter rank
+    {partition id: rank}."""
     nodes = list(grid.get_node_ids())
     config = ConfigRecord({CONFIG: to_json(cfg)})
     queries = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     node_of_partition: dict[int, int] = {}
     own_examples: dict[int, int] = {}
+    node_ranks: dict[int, int] = {}
     for reply in grid.send_and_receive(queries, timeout=timeout):
         node = node_of_reply(reply, queries)
         if reply.has_error():
@@ -94,6 +97,14 @@ def discover_partitions(grid: Grid, cfg: DictConfig, timeout: float) -> tuple[di
             if int(info["num-examples"]) < 1:
                 raise FedloraError(f"node {node} (partition {pid}) has no examples in its local-data")
             own_examples[pid] = int(info["num-examples"])
+        if RANK in info:
+            if not (cfg.adapter is not None and cfg.adapter.get("ranks")):
+                raise FedloraError(f"node {node} (partition {pid}) was started with rank={info[RANK]}, but the run gives "
+                                   "clients no ranks of their own: set adapter.ranks (with a method that takes them)")
+            if not 1 <= int(info[RANK]) <= cfg.adapter.r:
+                raise FedloraError(f"node {node} (partition {pid}) has rank={info[RANK]}: it must be between 1 and "
+                                   f"adapter.r={cfg.adapter.r}")
+            node_ranks[pid] = int(info[RANK])
     if len(node_of_partition) < cfg.clients_per_round:
         raise FedloraError(f"only {len(node_of_partition)} nodes answered; clients_per_round is "
                            f"{cfg.clients_per_round}")
@@ -103,7 +114,7 @@ def discover_partitions(grid: Grid, cfg: DictConfig, timeout: float) -> tuple[di
                     "joins later is not used in this run.", len(node_of_partition), cfg.num_clients, missing)
     if own_examples:
         log.info("%d nodes answered; partitions %s train on their own data", len(node_of_partition), sorted(own_examples))
-    return node_of_partition, own_examples
+    return node_of_partition, own_examples, node_ranks
 
 
 def log_compression(facts: dict) -> None:
@@ -138,7 +149,7 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder) -> Result:
     method = make_method(cfg)
     model = method.initial_model()  # the server's copy of the global model
     train_split, _, parts = federated_data(cfg)
-    node_of_partition, own_examples = discover_partitions(grid, cfg, cfg.simulation.round_timeout)
+    node_of_partition, own_examples, node_ranks = discover_partitions(grid, cfg, cfg.simulation.round_timeout)
     recorder.write_partitions(class_histogram(train_split.labels, parts, DATASETS[cfg.dataset.name].num_classes),
                               own_examples)
     facts = method.describe(model)
@@ -146,13 +157,19 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder) -> Result:
         recorder.extra["compression"] = facts
         log_compression(facts)
     strategy = MethodStrategy(method, model, node_of_partition, cfg.clients_per_round, cfg.seed,
-                              examples_of_partition={i: len(p) for i, p in enumerate(parts)} | own_examples,
-                              config_json=to_json(cfg))
+                              examples_of_partition={i: train_count(cfg, i, len(p)) for i, p in enumerate(parts)}
+                              | own_examples, config_json=to_json(cfg), node_ranks=node_ranks,
+                              evaluate_clients=cfg.eval.clients)
     evaluate_global = GlobalEvaluation(cfg, method)
     timeout, ledger, result = cfg.simulation.round_timeout, grid.ledger, Result()
     log.info("%s: %d clients, %d per round, %d rounds", method.name, cfg.num_clients, cfg.clients_per_round,
              cfg.num_rounds)
 
+    if method.initialises:  # before the initial model is evaluated: it is the initialised one
+        init = Ledger()
+        got = strategy.aggregate_init(grid.send_and_receive(strategy.configure_init(), timeout=timeout, ledger=init))
+        recorder.extra["initialisation"] = {"clients": got, "bytes_up": init.up, "bytes_down": init.down}
+        log.info("%s initialised from %d clients' data: %s up", method.name, got, human_bytes(init.up))
     arrays = result.arrays = strategy.global_arrays()
     initial = result.evaluate_metrics_serverapp[0] = evaluate_global(0, arrays)
     recorder.record_initial(initial["accuracy"], initial["loss"])
@@ -165,6 +182,15 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder) -> Result:
         if method.broadcasts and rnd < cfg.num_rounds:  # after the last round there is no next one to prepare
             strategy.aggregate_broadcast(rnd, grid.send_and_receive(strategy.configure_broadcast(rnd), timeout=timeout))
         scores = evaluate_global(rnd, arrays)
+        row = {}
+        if cfg.eval.clients:  # its messages counted apart: evaluation is not what the method costs
+            evaluation = Ledger()
+            replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid),
+                                            timeout=timeout, ledger=evaluation)
+            clients = strategy.aggregate_evaluate(rnd, replies)
+            if clients is not None:
+                result.evaluate_metrics_clientapp[rnd] = clients
+                row = dict(clients) | {"eval_bytes_down": evaluation.down, "eval_bytes_up": evaluation.up}
         result.arrays = arrays
         result.train_metrics_clientapp[rnd], result.evaluate_metrics_serverapp[rnd] = train, scores
         recorder.record_round({
@@ -179,7 +205,7 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder) -> Result:
             "cum_bytes_up": ledger.total_up,
             "cum_bytes_down": ledger.total_down,
             "round_seconds": round(time.time() - started, 3),
-        })
+        } | row)
     if cfg.adapter is not None:  # the fine-tuned global model (as last evaluated), loadable without fedlora
         out = export_adapted(evaluate_global.model, recorder.dir / "adapter", cfg,
                              DATASETS[cfg.dataset.name].num_classes, derive_seed(cfg.seed, "model-init"))

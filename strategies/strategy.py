@@ -14,15 +14,18 @@ import logging
 import random
 from collections.abc import Iterable
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+import torch
 from torch import nn
 
 from fedlora.aggregate import Update
 from fedlora.errors import FedloraError
 from fedlora.methods import Method
-from fedlora.protocol import APPLY_UPDATE, CONFIG, NO_CONFIG, PARTITION, ROUND, SEED
+from fedlora.parametrizations.adapters import at_rank
+from fedlora.protocol import APPLY_UPDATE, CONFIG, INIT_UPDATE, NO_CONFIG, NO_FIXED, PARTITION, RANK, ROUND, SEED
 from fedlora.seeds import derive_seed
 from fedlora.state import load_arrays, state_tensors
 from strategies.validation import ReplyRejected, Spec, TrainReply, node_of_reply, parse_train_reply, tensor_spec
@@ -42,7 +45,8 @@ class MethodStrategy(Strategy):
     and let the method combine the valid ones."""
 
     def __init__(self, method: Method, model: nn.Module, node_of_partition: dict[int, int], clients_per_round: int,
-                 seed: int, examples_of_partition: dict[int, int] | None = None, config_json: str = ""):
+                 seed: int, examples_of_partition: dict[int, int] | None = None, config_json: str = "",
+                 node_ranks: dict[int, int] | None = None, evaluate_clients: bool = False):
         self.method, self.model = method, model
         self.node_of_partition = node_of_partition
         self.clients_per_round, self.seed = clients_per_round, seed
@@ -51,7 +55,12 @@ class MethodStrategy(Strategy):
         self.examples_of_partition = examples_of_partition or {}
         # The run's config, for a node that lost it (it restarted): sent again with its next train message.
         self.config_json, self.lost_config = config_json, set()
-        self.expected: Spec = {}  # this round's reply arrays: key -> (shape, dtype)
+        self.evaluate_clients = evaluate_clients  # eval.clients: every client evaluates after every round
+        # Under heterogeneous ranks, each client's adapter rank: its node's own `rank`, else the method's tiers.
+        self.rank_of_partition = {pid: (node_ranks or {}).get(pid, method.rank_of(pid)) for pid in node_of_partition}
+        self.expected: Spec = {}  # this round's reply arrays at the global model's shapes: key -> (shape, dtype)
+        self.expected_of: dict[int, Spec] = {}  # each sampled client's, at its own rank
+        self.holding: set[int] = set()  # the clients that were sent the method's fixed state
         self.sampled: list[int] = []  # this round's partition ids
         self.sent: list[Message] = []  # this round's messages
 
@@ -66,18 +75,29 @@ class MethodStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         load_arrays(self.model, arrays)
         self.method.start_round(self.model, server_round)
-        self.expected = tensor_spec(state_tensors(self.model, self.method.up_keys(self.model, server_round)))
+        up = state_tensors(self.model, self.method.up_keys(self.model, server_round))
+        self.expected = tensor_spec(up)
         down = state_tensors(self.model, self.method.down_keys(self.model, server_round))
+        fixed = set(self.method.fixed_keys(self.model))
         self.sampled = self.sample(server_round)
-        self.sent = []
+        self.sent, self.expected_of = [], {}
         for pid in self.sampled:
             # each client its own RecordDict, so that a per-client payload never leaks into another's message
             seed = derive_seed(self.seed, "train", server_round, pid)
             config = ConfigRecord({ROUND: server_round, PARTITION: pid, SEED: seed})
+            rank = self.rank_of_partition.get(pid)
+            sent = down if rank is None else at_rank(down, rank)
+            if pid in self.holding:  # it keeps what never changes
+                sent = {k: v for k, v in sent.items() if k not in fixed}
+            elif fixed:
+                self.holding.add(pid)
+            self.expected_of[pid] = self.expected if rank is None else tensor_spec(at_rank(up, rank))
+            if rank is not None:
+                config[RANK] = rank
             if pid in self.lost_config and self.config_json:
                 config[CONFIG] = self.config_json
                 self.lost_config.discard(pid)
-            content = RecordDict({"arrays": ArrayRecord(dict(down)), "config": config})
+            content = RecordDict({"arrays": ArrayRecord(dict(sent)), "config": config})
             self.sent.append(Message(content, dst_node_id=self.node_of_partition[pid], message_type=MessageType.TRAIN,
                                      group_id=str(server_round)))
         return self.sent
@@ -97,12 +117,14 @@ class MethodStrategy(Strategy):
                     errors.append(msg.error.reason)
                     if NO_CONFIG in msg.error.reason:
                         self.lost_config.add(pid)
+                    if NO_CONFIG in msg.error.reason or NO_FIXED in msg.error.reason:
+                        self.holding.discard(pid)  # sent again when it is next sampled
                     raise ReplyRejected(f"the client failed: {msg.error.reason}")
                 if pid not in self.sampled:
                     raise ReplyRejected("not sampled this round")
                 if pid in accepted:
                     raise ReplyRejected("a second reply in this round")
-                reply = parse_train_reply(msg.content, self.expected)
+                reply = parse_train_reply(msg.content, self.expected_of[pid])
                 expected = self.examples_of_partition.get(pid, reply.num_examples)
                 if reply.num_examples != expected:
                     raise ReplyRejected(f"claims {reply.num_examples} examples, its partition has {expected}")
@@ -131,6 +153,41 @@ class MethodStrategy(Strategy):
         else:
             log.warning("round %d: no valid reply; the global model stays as it was", server_round)
         return self.global_arrays(), metrics
+
+    # --- the initialisation of a method that starts from the clients' data (Fed-SB) ------------------
+    def configure_init(self) -> list[Message]:
+        """Before round 1, `clients_per_round` seeded clients' messages asking for their share."""
+        if not self.method.initialises:
+            return []
+        self.sampled = self.sample(0)
+        self.sent = [Message(RecordDict({"config": ConfigRecord({ROUND: 0, PARTITION: pid,
+                                                                  SEED: derive_seed(self.seed, "init", pid)})}),
+                             dst_node_id=self.node_of_partition[pid], message_type=f"{MessageType.TRAIN}.{INIT_UPDATE}",
+                             group_id="init")
+                     for pid in self.sampled]
+        return self.sent
+
+    def aggregate_init(self, replies: Iterable[Message]) -> int:
+        """Check the init replies (the method's init arrays, of the global model's shapes) and let the
+        method initialise the global model from the valid ones; how many there were."""
+        spec = tensor_spec(state_tensors(self.model, self.method.init_keys(self.model)))
+        partition_of_node = {n: p for p, n in self.node_of_partition.items()}
+        valid = {}
+        for msg in replies:
+            pid = partition_of_node.get(node_of_reply(msg, self.sent), -1)
+            try:
+                if msg.has_error():
+                    raise ReplyRejected(f"the client failed: {msg.error.reason}")
+                if pid not in self.sampled or pid in valid:
+                    raise ReplyRejected("not asked, or a second reply")
+                valid[pid] = parse_train_reply(msg.content, spec)
+            except ReplyRejected as e:
+                log.warning("initialisation: rejected the reply of client %d: %s", pid, e)
+        if not valid:
+            raise FedloraError(f"method={self.method.name} initialises from the clients' data, and no client sent a "
+                               "valid share")
+        self.method.initialise(self.model, [Update(r.arrays, r.num_examples) for _, r in sorted(valid.items())])
+        return len(valid)
 
     # --- the broadcast of a method whose clients keep replicas ----------------------------------
     def configure_broadcast(self, server_round: int) -> list[Message]:
@@ -161,13 +218,44 @@ class MethodStrategy(Strategy):
                         len(self.sent))
         return acked
 
-    # --- no client-side evaluation: the server evaluates the global model on the full test set -----
+    # --- client-side evaluation (eval.clients): every client, on its held-out examples ---------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return []
+        """Under eval.clients, every client's message with the global arrays after `server_round` (at its
+        own rank); none otherwise: the server evaluates the global model on the test split either way."""
+        if not self.evaluate_clients:
+            return []
+        self.sent = []
+        for pid, node in sorted(self.node_of_partition.items()):
+            rank = self.rank_of_partition.get(pid)
+            config = ConfigRecord({ROUND: server_round, PARTITION: pid})
+            if rank is not None:
+                config[RANK] = rank
+            sent = arrays if rank is None else at_rank({k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}, rank)
+            self.sent.append(Message(RecordDict({"arrays": ArrayRecord(dict(sent)), "config": config}),
+                                     dst_node_id=node, message_type=MessageType.EVALUATE, group_id=f"{server_round}-eval"))
+        return self.sent
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        """The clients' accuracies on their held-out examples: example-weighted mean, the worst client,
+        and the spread (standard deviation over clients); the loss's mean; how many answered."""
+        scores = []
+        for reply in replies:
+            if reply.has_error():
+                log.warning("round %d: node %d did not evaluate: %s", server_round, node_of_reply(reply, self.sent),
+                            reply.error.reason)
+                continue
+            m = reply.content["metrics"]
+            if int(m["num-examples"]) > 0:
+                scores.append((float(m["accuracy"]), float(m["loss"]), int(m["num-examples"])))
+        if not scores:
+            return None
+        acc = np.array([s[0] for s in scores])
+        n = np.array([s[2] for s in scores], np.float64)
+        return MetricRecord({"client_accuracy_mean": float((acc * n).sum() / n.sum()),
+                             "client_accuracy_worst": float(acc.min()), "client_accuracy_std": float(acc.std()),
+                             "client_loss_mean": float((np.array([s[1] for s in scores]) * n).sum() / n.sum()),
+                             "clients_evaluated": len(scores)})
 
     def summary(self) -> None:
         log.info("%s: %d clients, %d per round", self.method.name, len(self.node_of_partition), self.clients_per_round)

@@ -142,6 +142,11 @@ PRESETS = {
     "aad_lora": TINY_TEXT + ["method=aad_lora"],
     "aad_lora_mud-kron_aad": TINY_TEXT + ["method=aad_lora_mud", "adapter=kron_aad"],
     "fedit-kron": TINY_TEXT + ["method=fedit", "adapter=kron"],
+    "flora-ranks": TINY_TEXT + ["method=flora", "adapter=lora", "adapter.ranks=[2,4,8]"],
+    "flexlora-ranks": TINY_TEXT + ["method=flexlora", "adapter=lora", "adapter.ranks=[2,4,8]"],
+    "zero_pad-ranks": TINY_TEXT + ["method=zero_pad", "adapter=lora", "adapter.ranks=[2,4,8]", "eval.clients=true"],
+    "fedsa_lora-lora": TINY_TEXT + ["method=fedsa_lora", "adapter=lora"],
+    "fed_sb": TINY_TEXT + ["method=fed_sb"],
 }
 
 

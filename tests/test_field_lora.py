@@ -17,6 +17,7 @@ from fedlora.errors import ConfigError
 from fedlora.federated_data import client_tensors
 from fedlora.ledger import serialized_bytes
 from fedlora.methods import METHODS
+from fedlora.parametrizations.adapters import at_rank
 from fedlora.parametrizations.base import delta_layers
 from fedlora.state import state_tensors
 from fedlora.training import evaluate, train_local
@@ -64,7 +65,7 @@ def gap(a, b) -> float:
 
 
 EXACT = ["fedex_lora-lora", "fedex_lora-lora_nonzero", "flora-lora", "flora-lora_nonzero", "rolora-lora",
-         "aad_lora-aad_lora", "aad_lora-kron_aad", "aad_lora_mud-aad_lora", "ffa_lora-lora"]
+         "aad_lora-aad_lora", "aad_lora-kron_aad", "aad_lora_mud-aad_lora", "ffa_lora-lora", "fed_sb-lora_sb"]
 
 
 @pytest.mark.parametrize("preset", EXACT)
@@ -169,9 +170,11 @@ def loss_on(model, x, y) -> float:
 def test_a_few_local_steps_of_every_method_lower_a_clients_training_loss(name):
     """Each method's preset as a client trains it in round 1: eight optimiser steps (`local.steps`) on
     32 of its examples lower its loss on them."""
-    base = SMALL if not METHODS[name].needs_adapter else TINY_TEXT
-    cfg = resolve(compose(base + [f"method={name}", "local.steps=8", "local.batch_size=32"]
-                          + (["adapter=lora"] if METHODS[name].needs_adapter and name not in ("aad_lora", "aad_lora_mud") else [])))
+    overrides = (TINY_TEXT if METHODS[name].needs_adapter else SMALL) + [f"method={name}", "local.steps=8",
+                                                                         "local.batch_size=32"]
+    if METHODS[name].needs_adapter and compose(overrides).adapter is None:  # the method's preset chose none
+        overrides.append("adapter=lora")
+    cfg = resolve(compose(overrides))
     method, server = built(cfg)
     method.start_round(server, 1)
     down = state_tensors(server, method.down_keys(server, 1))
@@ -213,3 +216,290 @@ def test_a_short_run_sends_what_the_method_says_each_way(preset, preset_run):
     export = run_dir / "adapter"
     # PEFT's LoRA over the pretrained weights only where they were not changed
     assert (export / "adapter_config.json").is_file() == (cfg.adapter.name == "lora" and not folds)
+
+
+# --- heterogeneous ranks -----------------------------------------------------------------------------
+
+RANKS = ["adapter=lora", "adapter.ranks=[2,4,8]"]
+
+
+def play_heterogeneous_round(method, server, server_round: int, ranks: list[int]):
+    """play_round with clients of the given ranks, each sent the global arrays at its rank."""
+    method.start_round(server, server_round)
+    down = state_tensors(server, method.down_keys(server, server_round))
+    updates, models = [], []
+    for k, (n, rank) in enumerate(zip(EXAMPLES, ranks)):
+        client = method.initial_model(rank)
+        method.load(client, at_rank(down, rank), server_round, required=down)
+        g = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for p in client.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        up = state_tensors(client, method.up_keys(client, server_round))
+        assert all(v.shape[-1 if key.endswith("lora_B") else 0] == rank for key, v in up.items() if ".lora_" in key)
+        updates.append(Update({key: v.numpy() for key, v in up.items()}, n))
+        models.append(effective(client))
+    return updates, models
+
+
+def test_heterogeneous_ranks_give_each_client_its_own_shapes_in_seeded_tiers():
+    method, server = built(config("method=flora", *RANKS, "num_clients=6"))
+    tiers = [method.rank_of(pid) for pid in range(6)]
+    assert sorted(tiers) == [2, 2, 4, 4, 8, 8]  # dealt evenly
+    again, _ = built(config("method=flora", *RANKS, "num_clients=6"))
+    assert [again.rank_of(pid) for pid in range(6)] == tiers  # seeded
+    for rank in (2, 4, 8):
+        client = method.initial_model(rank)
+        for _, layer in delta_layers(client):
+            assert layer.delta.lora_A.shape[0] == layer.delta.lora_B.shape[1] == rank
+            assert layer.scaling == method.adapter.alpha / method.adapter.r  # one scale for every rank
+
+
+def test_flora_with_heterogeneous_ranks_is_exact():
+    method, server = built(config("method=flora", *RANKS))
+    updates, models = play_heterogeneous_round(method, server, 1, [2, 4, 8])
+    method.aggregate(server, updates)
+    assert gap(effective(server), mean_model(models)) < 1e-5
+
+
+def test_flexlora_with_heterogeneous_ranks_keeps_the_best_rank_r_approximation_of_the_padded_mean():
+    method, server = built(config("method=flexlora", *RANKS))
+    updates, _ = play_heterogeneous_round(method, server, 1, [2, 4, 8])
+    ideal = {name: sum(s * u.arrays[f"{name}.delta.lora_B"].astype(np.float64) @ u.arrays[f"{name}.delta.lora_A"]
+                       for s, u in zip(weights(updates), updates)) for name, _ in delta_layers(server)}
+    method.aggregate(server, updates)
+    for name, layer in delta_layers(server):
+        u, s, vh = np.linalg.svd(ideal[name])
+        best = (u[:, :8] * s[:8]) @ vh[:8]
+        np.testing.assert_allclose(layer.delta.matrix().detach().double().numpy(), best, atol=1e-5)
+
+
+def test_zero_padding_with_equal_ranks_is_fedit_and_pads_lower_ranks():
+    zero, zero_model = built(config("method=zero_pad", "adapter=lora"))
+    fedit, fedit_model = built(config("method=fedit", "adapter=lora"))
+    updates, _ = play_round(zero, zero_model, 1)
+    zero.aggregate(zero_model, updates)
+    fedit.aggregate(fedit_model, updates)
+    for key, value in state_tensors(fedit_model, fedit.global_keys(fedit_model)).items():
+        assert torch.equal(value, state_tensors(zero_model, [key])[key])
+    method, server = built(config("method=zero_pad", *RANKS))
+    updates, _ = play_heterogeneous_round(method, server, 1, [2, 4, 8])
+    method.aggregate(server, updates)
+    shares = weights(updates)
+    for name, layer in delta_layers(server):
+        b = layer.delta.lora_B.detach().numpy()
+        np.testing.assert_allclose(b[:, 5], shares[2] * updates[2].arrays[f"{name}.delta.lora_B"][:, 5], atol=1e-6)
+
+
+def test_a_method_of_one_rank_refuses_heterogeneous_ranks_and_names_those_that_take_them():
+    with pytest.raises(ConfigError, match="method=fedit averages adapters of one rank: use method=flexlora, flora, "
+                                          "zero_pad"):
+        config("method=fedit", *RANKS)
+    with pytest.raises(ConfigError, match="adapter.ranks must list ranks between 1 and adapter.r=8"):
+        config("method=flora", "adapter=lora", "adapter.ranks=[4,16]")
+
+
+@pytest.mark.parametrize("preset", ["flora-ranks", "flexlora-ranks", "zero_pad-ranks"])
+def test_a_short_run_with_heterogeneous_ranks_checks_each_client_at_its_own_shapes(preset, preset_run):
+    from strategies.strategy import sample
+
+    cfg, run_dir = preset_run(preset)
+    rows = metrics_rows(run_dir)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    method, server = built(cfg)
+    for row in rows:
+        r = row["round"]
+        assert row["num_clients"] == cfg.clients_per_round and row["rejected"] == 0
+        picked = sample(range(cfg.num_clients), cfg.clients_per_round, cfg.seed, r)
+        up = state_tensors(server, method.up_keys(server, r))
+        down = state_tensors(server, method.down_keys(server, r))
+        assert row["bytes_up"] == sum(sum(serialized_bytes(t) for t in at_rank(up, method.rank_of(p)).values())
+                                      for p in picked)
+        assert row["bytes_down"] == sum(sum(serialized_bytes(t) for t in at_rank(down, method.rank_of(p)).values())
+                                        for p in picked)
+        if cfg.eval.clients:  # every client evaluated the global model at its own rank
+            assert row["clients_evaluated"] == cfg.num_clients and 0 <= row["client_accuracy_worst"] <= 1
+
+
+# --- FedSA-LoRA and per-client evaluation ------------------------------------------------------------
+
+
+def test_a_clients_held_out_examples_are_seeded_disjoint_and_counted_by_the_server():
+    from fedlora.federated_data import holdout, split_for_clients, train_count
+
+    train, held = holdout(50, 0.2, seed=3, partition_id=1)
+    assert len(held) == 10 and len(train) == 40 and not set(train) & set(held)
+    assert set(train) | set(held) == set(range(50))
+    again = holdout(50, 0.2, seed=3, partition_id=1)
+    assert np.array_equal(again[1], held) and not np.array_equal(holdout(50, 0.2, 3, 2)[1], held)
+    cfg = config("method=fedsa_lora", "adapter=lora")
+    x, y = torch.arange(50).float()[:, None], torch.arange(50)
+    (xt, yt), (xe, ye) = split_for_clients(cfg, 1, x, y)
+    assert len(yt) == train_count(cfg, 1, 50) == 40 and len(ye) == 10
+    (xt, yt), (xe, ye) = split_for_clients(config("method=fedit", "adapter=lora"), 1, x, y)
+    assert len(yt) == 50 and len(ye) == 0  # eval.clients off: every example trains
+
+
+def test_fedsa_lora_never_sends_b_and_each_client_keeps_its_own():
+    """Two rounds of one client through the real ClientApp handlers: B is in no message either way,
+    the client's B stays in its node state and round 2 starts from it."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients import client_app
+    from fedlora.config import to_json
+    from fedlora.protocol import CONFIG
+    from strategies.strategy import MethodStrategy
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    cfg = config("method=fedsa_lora", "adapter=lora", "clients_per_round=4", "local.steps=2")
+    method, model = built(cfg)
+    b_keys = set(method.personal_keys(model))
+    assert b_keys and all(k.endswith("lora_B") for k in b_keys)
+    assert not b_keys & set(method.up_keys(model, 1)) and not b_keys & set(method.down_keys(model, 1))
+    strategy = MethodStrategy(method, model, {pid: 100 + pid for pid in range(4)}, 4, cfg.seed, evaluate_clients=True)
+    contexts = {pid: Context(run_id=1, node_id=100 + pid, node_config={"partition-id": pid}, state=RecordDict(),
+                             run_config={}) for pid in range(4)}
+    for context in contexts.values():
+        context.state[client_app.RUN_CONFIG] = ConfigRecord({CONFIG: to_json(cfg)})
+    kept = {}
+    for server_round in (1, 2):
+        sent = strategy.configure_train(server_round, strategy.global_arrays(), ConfigRecord(), None)
+        replies = []
+        for msg in sent:
+            assert not b_keys & set(msg.content["arrays"])
+            pid = msg.content["config"]["partition-id"]
+            reply = client_app.train(msg, contexts[pid])
+            assert not b_keys & set(reply.content["arrays"])
+            own = contexts[pid].state.array_records[client_app.PERSONAL]
+            b = {k: own[k].numpy().copy() for k in b_keys}
+            assert all(np.abs(v).sum() > 0 for v in b.values())  # trained from 0
+            if server_round == 2:  # it went on from its own B of round 1, not from 0 and not another's
+                assert all(not np.array_equal(b[k], kept[pid][k]) for k in b_keys)
+                others = [kept[q] for q in kept if q != pid]
+                assert all(not np.array_equal(b[k], o[k]) for o in others for k in b_keys)
+            kept[pid] = b
+            replies.append(Message(reply.content, reply_to=msg))
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+    evaluations = [Message(client_app.evaluate_client(msg, contexts[msg.content["config"]["partition-id"]]).content,
+                           reply_to=msg) for msg in strategy.configure_evaluate(2, arrays, ConfigRecord(), None)]
+    scores = strategy.aggregate_evaluate(2, evaluations)
+    assert scores["clients_evaluated"] == 4
+    assert 0 <= scores["client_accuracy_worst"] <= scores["client_accuracy_mean"] <= 1
+
+
+def test_a_short_run_of_fedsa_lora_evaluates_every_client_and_the_report_shows_it(preset_run, tmp_path):
+    from fedlora.report import make_report
+
+    cfg, run_dir = preset_run("fedsa_lora-lora")
+    rows = metrics_rows(run_dir)
+    method, model = built(cfg)
+    for row in rows:
+        assert row["clients_evaluated"] == cfg.num_clients and row["rejected"] == 0
+        assert 0 <= row["client_accuracy_worst"] <= row["client_accuracy_mean"] <= 1 and row["client_accuracy_std"] >= 0
+        assert row["eval_bytes_down"] == cfg.num_clients * arrays_bytes(model, method.global_keys(model))
+        assert row["bytes_up"] == cfg.clients_per_round * arrays_bytes(model, method.up_keys(model, row["round"]))
+    _, table = make_report([run_dir], tmp_path)
+    assert "worst client" in table and f"{rows[-1]['client_accuracy_worst']:.4f}" in table
+
+
+# --- Fed-SB ------------------------------------------------------------------------------------------
+
+
+def test_lora_sb_starts_from_the_best_rank_r_approximation_of_the_update_with_orthonormal_frames():
+    from fedlora.parametrizations.adapters import LoRASB
+
+    delta = LoRASB(20, 12, r=3)
+    delta.reset(0)
+    assert torch.count_nonzero(delta.matrix()) == 0  # before the initialisation: ΔW = 0
+    update = torch.randn(20, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    delta.set_from_update(update, scaling=2.0)
+    u, s, vh = torch.linalg.svd(update)
+    best = (u[:, :3] * s[:3]) @ vh[:3]
+    assert torch.allclose(2.0 * delta.matrix().double(), best, atol=1e-5)
+    assert torch.allclose(delta.lora_B.T @ delta.lora_B, torch.eye(3), atol=1e-5)
+    assert torch.allclose(delta.lora_A @ delta.lora_A.T, torch.eye(3), atol=1e-5)
+
+
+def test_fed_sb_initialises_from_the_sign_of_the_summed_gradients_and_sends_r_squared_up():
+    method, model = built(config("method=fed_sb"))
+    x, y = client_tensors(method.cfg, 0)
+    shares = [method.init_update(method.initial_model(), *client_tensors(method.cfg, pid), seed=pid)
+              for pid in (0, 1)]
+    assert all(n == min(len(client_tensors(method.cfg, pid)[1]), 85) for (_, n, _), pid in zip(shares, (0, 1)))
+    updates = [Update({k: v.numpy() for k, v in g.items()}, n) for g, n, _ in shares]
+    method.initialise(model, updates)
+    r = method.adapter.r
+    for name, layer in delta_layers(model):
+        g = sum(u.arrays[f"{name}.weight"].astype(np.float64) for u in updates)
+        u_, s, vh = np.linalg.svd(-method.config.init_lr * np.sign(g))
+        np.testing.assert_allclose(layer.scaled_delta().detach().double().numpy(), (u_[:, :r] * s[:r]) @ vh[:r],
+                                   atol=1e-7)
+        assert layer.weight.requires_grad is False  # the gradient pass left the model as it was
+    up = state_tensors(model, method.up_keys(model, 1))
+    adapter = {k: v for k, v in up.items() if ".delta." in k}
+    assert all(k.endswith("lora_R") and v.shape == (r, r) for k, v in adapter.items())
+    assert len(adapter) == len(delta_layers(model))
+
+
+def test_a_short_run_of_fed_sb_sends_the_frames_once_and_r_squared_each_round(preset_run):
+    from strategies.strategy import sample
+
+    cfg, run_dir = preset_run("fed_sb")
+    rows = metrics_rows(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    init = summary["initialisation"]
+    method, model = built(cfg)
+    weights_bytes = arrays_bytes(model, method.init_keys(model))
+    assert init["clients"] == cfg.clients_per_round and init["bytes_up"] == cfg.clients_per_round * weights_bytes
+    full = arrays_bytes(model, method.down_keys(model, 1))
+    frames = arrays_bytes(model, method.fixed_keys(model))
+    seen = set()
+    for row in rows:
+        picked = sample(range(cfg.num_clients), cfg.clients_per_round, cfg.seed, row["round"])
+        assert row["bytes_up"] == len(picked) * arrays_bytes(model, method.up_keys(model, row["round"]))
+        assert row["bytes_down"] == sum(full - frames if p in seen else full for p in picked)
+        assert row["rejected"] == 0
+        seen |= set(picked)
+
+
+def test_a_fed_sb_node_that_lost_its_frames_says_so_and_is_sent_them_again():
+    from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients import client_app
+    from fedlora.config import to_json
+    from fedlora.protocol import CONFIG
+    from strategies.strategy import MethodStrategy
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    cfg = config("method=fed_sb", "clients_per_round=4", "local.steps=1")
+    method, model = built(cfg)
+    frames = set(method.fixed_keys(model))
+    strategy = MethodStrategy(method, model, {pid: 100 + pid for pid in range(4)}, 4, cfg.seed)
+    contexts = {pid: Context(run_id=1, node_id=100 + pid, node_config={"partition-id": pid}, state=RecordDict(),
+                             run_config={}) for pid in range(4)}
+    for context in contexts.values():
+        context.state[client_app.RUN_CONFIG] = ConfigRecord({CONFIG: to_json(cfg)})
+
+    def play(server_round):
+        sent = strategy.configure_train(server_round, strategy.global_arrays(), ConfigRecord(), None)
+        replies = []
+        for msg in sent:
+            try:
+                reply = client_app.train(msg, contexts[msg.content["config"]["partition-id"]])
+                replies.append(Message(reply.content, reply_to=msg))
+            except ValueError as e:
+                replies.append(Message(Error(code=0, reason=str(e)), reply_to=msg))
+        _, metrics = strategy.aggregate_train(server_round, replies)
+        return {m.content["config"]["partition-id"]: frames <= set(m.content["arrays"]) for m in sent}, metrics
+
+    carried, metrics = play(1)
+    assert all(carried.values()) and metrics["rejected"] == 0
+    del contexts[0].state[client_app.FIXED]  # node 0 restarted (its config kept, to isolate the frames)
+    carried, metrics = play(2)
+    assert not any(carried.values()) and metrics["rejected"] == 1  # node 0 could not train
+    carried, metrics = play(3)
+    assert carried == {0: True, 1: False, 2: False, 3: False} and metrics["rejected"] == 0

@@ -26,6 +26,7 @@ from conftest import PRESETS, metrics_rows
 GOLDEN = Path(__file__).parent / "golden" / "metrics.json"
 EXACT = ("round", "num_clients", "rejected", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down")
 MEASURED = ("test_accuracy", "test_loss", "train_loss")
+CLIENTS = ("client_accuracy_mean", "client_accuracy_worst", "client_accuracy_std", "client_loss_mean")  # eval.clients
 
 
 def machine() -> dict:
@@ -72,7 +73,8 @@ def test_every_preset_reproduces_its_golden_records(name, golden, preset_run):
     same_machine = golden["machine"] == machine()
     for g, w in zip(got, want):
         assert {k: g[k] for k in EXACT} == {k: w[k] for k in EXACT}
-        for key in MEASURED:
+        assert set(g) == set(w)  # the same columns: client evaluation where it was
+        for key in MEASURED + tuple(k for k in CLIENTS if k in w):
             if same_machine or g[key] is None or w[key] is None:
                 assert g[key] == w[key], (key, g["round"])
             else:  # another CPU: the same run up to floating-point rounding

@@ -22,6 +22,7 @@ FlexLoRA: the configured adapter on a pretrained model).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -99,9 +100,14 @@ class Method:
         pretrained), with whatever it draws drawn for round 0."""
         return dense
 
-    def initial_model(self) -> nn.Module:
-        """The global model as the run starts, built as the server and every client build it."""
-        return self.build(dense_model(self.cfg))
+    def initial_model(self, rank: int | None = None) -> nn.Module:
+        """The global model as the run starts, built as the server and every client build it (with
+        adapters of a client's own `rank`, under heterogeneous ranks)."""
+        return self.build(dense_model(self.cfg)) if rank is None else self.build(dense_model(self.cfg), rank)
+
+    def rank_of(self, partition_id: int) -> int | None:
+        """The adapter rank of a client, under heterogeneous ranks; None: the global model's."""
+        return None
 
     def regenerate(self, model: nn.Module, server_round: int) -> None:
         """Draw what every process draws itself for `server_round` (0: the initial model)."""
@@ -136,6 +142,29 @@ class Method:
     def global_keys(self, model: nn.Module) -> list[str]:
         """The state entries that, with what every process draws from the seeds, make the global model."""
         return trained_keys(model)
+
+    # --- an initialisation from the clients' data, before round 1 (Fed-SB) -------------------------------
+    initialises: ClassVar[bool] = False
+
+    def init_keys(self, model: nn.Module) -> list[str]:
+        """What an init client sends."""
+        return []
+
+    def init_update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[dict, int, float]:
+        """An init client's arrays (the `init_keys`), its number of examples and its loss."""
+        raise NotImplementedError
+
+    def initialise(self, model: nn.Module, updates: list[Update]) -> None:
+        """Set the global model from the init clients' replies."""
+
+    def fixed_keys(self, model: nn.Module) -> list[str]:
+        """Global state that never changes (Fed-SB's B and A): a client is sent it the first time it is
+        sampled, and keeps it in its node state."""
+        return []
+
+    def personal_keys(self, model: nn.Module) -> list[str]:
+        """What each client keeps for itself between rounds and never sends (FedSA-LoRA's B)."""
+        return []
 
     def down_keys(self, model: nn.Module, server_round: int) -> list[str]:
         """What a client sampled in `server_round` receives."""
@@ -220,18 +249,37 @@ class AdapterMethod(Method):
     # the adapters the method's math needs (None: any), and why, for the error that refuses the others
     adapters: ClassVar[tuple[str, ...] | None] = None
     adapters_because: ClassVar[str] = ""
+    heterogeneous: ClassVar[bool] = False  # combines clients of different adapter ranks (adapter.ranks)
 
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)
         self.adapter: AdapterConfig = typed(ADAPTERS[cfg.adapter.name], cfg.adapter, f"adapter={cfg.adapter.name}")
+        self._tiers: list[int] = []
+        if self.adapter.ranks:  # a seeded order of the partitions, dealt to the rank tiers in turn
+            order = random.Random(derive_seed(cfg.seed, "rank-tiers")).sample(range(cfg.num_clients), cfg.num_clients)
+            self._tiers = [0] * cfg.num_clients
+            for position, pid in enumerate(order):
+                self._tiers[pid] = self.adapter.ranks[position % len(self.adapter.ranks)]
 
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
-        if cls.adapters is not None and cfg.adapter is not None and cfg.adapter.name not in cls.adapters:
+        if cfg.adapter is None:
+            return
+        if cls.adapters is not None and cfg.adapter.name not in cls.adapters:
             raise ConfigError(f"method={cls.name} {cls.adapters_because}; adapter={cfg.adapter.name} is not one of "
                               f"them: use adapter={' or '.join(cls.adapters)}")
+        if cfg.adapter.get("ranks") and not cls.heterogeneous:
+            from fedlora.methods.registry import METHODS
 
-    def build(self, dense: nn.Module) -> nn.Module:
-        inject_adapters(dense, self.adapter)
+            able = sorted(n for n, m in METHODS.items() if getattr(m, "heterogeneous", False))
+            raise ConfigError(f"adapter.ranks gives clients different ranks; method={cls.name} averages adapters of one "
+                              f"rank: use method={', '.join(able)}, or leave adapter.ranks out")
+
+    def rank_of(self, partition_id: int) -> int | None:
+        return self._tiers[partition_id] if self._tiers else None
+
+    def build(self, dense: nn.Module, rank: int | None = None) -> nn.Module:
+        inject_adapters(dense, self.adapter, rank)
         reset_deltas(dense, self.factor_seed(0))
         return dense
+

@@ -5,7 +5,8 @@ What a client trains: a fresh LoRA adapter every round (drawn from a round seed:
 the head; down, W of the adapted layers as it stands (it changes every round) and the head, not the
 adapter, which every process draws itself. How the server combines: it stacks B = [p_1 s B_1 ... p_K s B_K]
 and A = [A_1; ...; A_K] (p_k the clients' shares of the examples, s = alpha / r), so that
-B A = Σ_k p_k s B_k A_k, the mean of the clients' updates, exactly and whatever each client's rank; it
+B A = Σ_k p_k s B_k A_k, the mean of the clients' updates, exactly and whatever each client's rank
+(`adapter.ranks`: every client scales by alpha / adapter.r); it
 folds that (less the adapter every client started from, zero under zero initialisation) into W; the
 head is averaged.
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from fedlora.aggregate import Update, stacked_factors, weighted_mean, weights
+from fedlora.errors import ConfigError
 from fedlora.methods.base import AdapterMethod
 from fedlora.methods.fedmud import MUD
 from fedlora.methods.registry import register_method
@@ -35,6 +37,14 @@ class FLoRA(MUD, AdapterMethod):
     adapters_because = "stacks LoRA's factors B and A"
     interval = 1  # a fresh adapter every round
     broadcasts = False
+    heterogeneous = True  # the stacking takes any rank
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if cfg.adapter is not None and cfg.adapter.get("ranks") and cfg.adapter.get("init") != "zero":
+            raise ConfigError("method=flora with adapter.ranks needs adapter=lora (B = 0): a client's fresh adapter of "
+                              "its own rank must add nothing to the global model")
 
     def aggregate(self, model: nn.Module, updates: list[Update]) -> None:
         layers = delta_layers(model)

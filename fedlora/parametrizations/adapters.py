@@ -73,6 +73,42 @@ class LoRA(Delta):
         return (x @ self.lora_A.T @ self.lora_B.T) * scaling
 
 
+class LoRASB(Delta):
+    """LoRA-SB's adapter (LoRA-XS's architecture): ΔW = B R A, B (m x r) and A (r x n) frozen, R (r x r)
+    trained. `reset` draws B and A Kaiming-uniform and sets R = 0 (ΔW = 0); Fed-SB then sets all three
+    from the truncated SVD of an approximation of the first full update (`set_from_update`)."""
+
+    def __init__(self, m: int, n: int, r: int):
+        super().__init__(m, n)
+        _check_size("r", r, m, n)
+        self.r = r
+        self.lora_A = nn.Parameter(torch.zeros(r, n), requires_grad=False)
+        self.lora_B = nn.Parameter(torch.zeros(m, r), requires_grad=False)
+        self.lora_R = nn.Parameter(torch.zeros(r, r))
+
+    def reset(self, seed: int) -> None:
+        gen = cpu_generator(seed)
+        with torch.no_grad():
+            self.lora_A.copy_(_kaiming_uniform((self.r, self.n), gen))
+            self.lora_B.copy_(_kaiming_uniform((self.m, self.r), gen))
+            self.lora_R.zero_()
+
+    def set_from_update(self, update: torch.Tensor, scaling: float) -> None:
+        """B = U_r, R = Σ_r / s, A = V_rᵀ from the SVD of `update` (m x n): s B R A is its best rank-r
+        approximation, with orthonormal B and A."""
+        u, s, vh = torch.linalg.svd(update.double(), full_matrices=False)
+        with torch.no_grad():
+            self.lora_B.copy_(u[:, :self.r])
+            self.lora_R.copy_(torch.diag(s[:self.r]) / scaling)
+            self.lora_A.copy_(vh[:self.r])
+
+    def matrix(self) -> torch.Tensor:
+        return self.lora_B @ self.lora_R @ self.lora_A
+
+    def forward(self, x: torch.Tensor, scaling: float) -> torch.Tensor:
+        return (x @ self.lora_A.T @ self.lora_R.T @ self.lora_B.T) * scaling
+
+
 def _splits(size: int, b: int) -> list[int]:
     """b block sizes that sum to size, the first ones one larger when size is not divisible by b."""
     return [size // b + (1 if i < size % b else 0) for i in range(b)]
@@ -123,6 +159,10 @@ class AdapterConfig:
     dropout: float = MISSING  # on the adapter's input
     targets: list[str] = MISSING  # layers to adapt: names or name suffixes (PEFT's target_modules), or re:PATTERN
     train: list[str] = MISSING  # modules trained as they are, besides the adapters (the new classifier head)
+    # heterogeneous ranks: the clients' ranks, in tiers assigned to partitions at random (seeded), each at
+    # most r (the global adapter's rank); every client scales by alpha / r, so a client's factors are the
+    # first columns of B and rows of A of the global adapter
+    ranks: Optional[list[int]] = None
 
     def validate(self) -> None:
         if self.r < 1:
@@ -133,8 +173,11 @@ class AdapterConfig:
             raise ConfigError(f"adapter.dropout must be in [0, 1) (got {self.dropout})")
         if not self.targets:
             raise ConfigError("adapter.targets must name the layers to adapt, e.g. [query, value]")
+        if self.ranks is not None and not (self.ranks and all(1 <= k <= self.r for k in self.ranks)):
+            raise ConfigError(f"adapter.ranks must list ranks between 1 and adapter.r={self.r} (got {list(self.ranks)})")
 
-    def delta(self, m: int, n: int) -> Delta:
+    def delta(self, m: int, n: int, r: int | None = None) -> Delta:
+        """The adapter of an m x n layer, at rank `r` (a client's, under heterogeneous ranks) or its own."""
         raise NotImplementedError
 
     subtract_initial = False  # take the initial product out of the frozen weight (LoRA's non-zero init)
@@ -152,8 +195,8 @@ class LoRAConfig(AdapterConfig):
         if self.init not in ("zero", "nonzero"):
             raise ConfigError(f"adapter.init must be zero or nonzero (got {self.init})")
 
-    def delta(self, m: int, n: int) -> Delta:
-        return LoRA(m, n, self.r, self.init, self.beta_a, self.beta_b)
+    def delta(self, m: int, n: int, r: int | None = None) -> Delta:
+        return LoRA(m, n, r or self.r, self.init, self.beta_a, self.beta_b)
 
 
 @dataclass
@@ -165,8 +208,16 @@ class BoRAConfig(AdapterConfig):
         if self.blocks < 1:
             raise ConfigError(f"adapter.blocks must be >= 1 (got {self.blocks})")
 
-    def delta(self, m: int, n: int) -> Delta:
+    def delta(self, m: int, n: int, r: int | None = None) -> Delta:
         return BoRA(m, n, self.r, self.blocks)
+
+
+@dataclass
+class LoRASBConfig(AdapterConfig):
+    """LoRA-SB: r² trainable numbers a layer (R), B and A frozen."""
+
+    def delta(self, m: int, n: int, r: int | None = None) -> Delta:
+        return LoRASB(m, n, r or self.r)
 
 
 @dataclass
@@ -192,7 +243,7 @@ class AADLoRAConfig(DecomposedConfig):
     R1 and L2 trained from zero. LoRA's (m + n) r trainable numbers; linear in them, so averaging them
     averages the updates exactly; the update's rank reaches 2r."""
 
-    def delta(self, m: int, n: int) -> Delta:
+    def delta(self, m: int, n: int, r: int | None = None) -> Delta:
         _check_size("r", self.r, m, n)
         return AggregationAwareLowRank(m, n, self.r, self.magnitude(n))
 
@@ -214,7 +265,7 @@ class KronConfig(DecomposedConfig):
     both trained, sized to train as many numbers as LoRA of rank r (at most). Inexact when averaged
     (A and B both train)."""
 
-    def delta(self, m: int, n: int) -> Delta:
+    def delta(self, m: int, n: int, r: int | None = None) -> Delta:
         return Kronecker(m, n, kron_shape_for(m, n, self.r), self.magnitude(n))
 
 
@@ -224,20 +275,21 @@ class KronAADConfig(DecomposedConfig):
     B1 and A2 trained from zero; the grid sized so that the trained B1 and A2 together train as many
     numbers as LoRA of rank r (at most). Exact when averaged."""
 
-    def delta(self, m: int, n: int) -> Delta:
+    def delta(self, m: int, n: int, r: int | None = None) -> Delta:
         return AggregationAwareKronecker(m, n, kron_shape_for(m, n, self.r), self.magnitude(n))
 
 
 # adapter name (conf/adapter/<name>.yaml) -> its config; the config builds the Delta
 ADAPTERS: dict[str, type[AdapterConfig]] = {
     "lora": LoRAConfig, "lora_nonzero": LoRAConfig, "bora": BoRAConfig,
-    "aad_lora": AADLoRAConfig, "kron": KronConfig, "kron_aad": KronAADConfig,
+    "aad_lora": AADLoRAConfig, "kron": KronConfig, "kron_aad": KronAADConfig, "lora_sb": LoRASBConfig,
 }
 
 
-def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
+def inject_adapters(model: nn.Module, config: AdapterConfig, rank: int | None = None) -> list[str]:
     """Freeze the model, put the configured adapter on every Linear (or Conv2d) layer that
-    `config.targets` names, and keep trainable the modules that `config.train` names (a new head).
+    `config.targets` names (at `rank`, a client's own, where given; scaled by alpha / adapter.r
+    whatever the rank), and keep trainable the modules that `config.train` names (a new head).
     Returns the adapted layers' names."""
     model.requires_grad_(False)
     layers = adaptable_layers(model, config.targets)
@@ -252,7 +304,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
         if config.dropout > 0 and not linear:
             raise ConfigError(f"adapter.dropout={config.dropout} applies to a Linear layer's input; {name} is a "
                               "Conv2d: set adapter.dropout=0 or leave convolutions out of adapter.targets")
-        return DeltaLayer(base, config.delta(m, n), scaling=config.alpha / config.r, dropout=config.dropout,
+        return DeltaLayer(base, config.delta(m, n, rank), scaling=config.alpha / config.r, dropout=config.dropout,
                           additive=linear, subtract_initial=config.subtract_initial)
 
     names = inject(model, layers, make)
@@ -262,3 +314,31 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
     for module in trained:
         module.requires_grad_(True)
     return names
+
+
+def at_rank(arrays: dict, rank: int) -> dict:
+    """The global LoRA factors' share of a client of rank `rank`: B's first `rank` columns and A's
+    first `rank` rows (other arrays as they are). On FlexLoRA's SVD factors that is the best rank-`rank`
+    approximation; under zero padding, the truncation back to the client's rank."""
+    import numpy as np
+
+    def cut(v, index):
+        v = v[index]
+        return v.contiguous() if hasattr(v, "contiguous") else np.ascontiguousarray(v)
+
+    return {k: cut(v, slice(rank)) if k.endswith(".lora_A") else cut(v, (slice(None), slice(rank)))
+            if k.endswith(".lora_B") else v for k, v in arrays.items()}
+
+
+def padded(arrays: dict, rank: int) -> dict:
+    """A client's LoRA factors padded with zeros to rank `rank` (HetLoRA's padding): B A unchanged."""
+    import numpy as np
+
+    out = {}
+    for k, v in arrays.items():
+        if k.endswith(".lora_A"):
+            v = np.concatenate([v, np.zeros((rank - v.shape[0], v.shape[1]), v.dtype)], axis=0)
+        elif k.endswith(".lora_B"):
+            v = np.concatenate([v, np.zeros((v.shape[0], rank - v.shape[1]), v.dtype)], axis=1)
+        out[k] = v
+    return out

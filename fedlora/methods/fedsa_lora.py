@@ -1,0 +1,35 @@
+"""FedSA-LoRA (Guo et al., ICLR 2025): selective aggregation, A shared and B personal.
+
+What a client trains: LoRA's A and B and the head. What travels: A and the head, both ways; B never
+leaves the client: each client keeps its own B between rounds (in its Flower node state) and starts
+from B = 0 the first time it is sampled. How the server combines: it averages A and the head. The
+paper's reading: A learns what all clients share, B what is each client's own.
+
+The global model on the server has no B of its own (it stays at 0), so what the server evaluates is
+the pretrained model with the shared head; the method is measured by each client's evaluation of its
+personalised model (`eval.clients=true`, which its preset sets).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fedlora.methods.base import AdapterMethod, trained_keys
+from fedlora.methods.registry import register_method
+from fedlora.parametrizations.base import delta_key, delta_layers
+
+
+@register_method("fedsa_lora")
+class FedSALoRA(AdapterMethod):
+    adapters = ("lora", "lora_nonzero")
+    adapters_because = "keeps LoRA's B on each client"
+
+    def personal_keys(self, model: nn.Module) -> list[str]:
+        return [delta_key(name, "lora_B") for name, _ in delta_layers(model)]
+
+    def global_keys(self, model: nn.Module) -> list[str]:
+        personal = set(self.personal_keys(model))
+        return [k for k in trained_keys(model) if k not in personal]
+
+    def up_keys(self, model: nn.Module, server_round: int) -> list[str]:
+        return self.global_keys(model)
