@@ -69,7 +69,7 @@ class ClientRun:
     initial: dict[str, torch.Tensor]
 
 
-@lru_cache(maxsize=4)  # a process may serve clients of several adapter ranks
+@lru_cache(maxsize=8)  # a process may serve clients of several adapter ranks
 def _client_run(config_json: str, rank: int | None = None) -> ClientRun:
     cfg = from_json(config_json)
     method = make_method(cfg)
@@ -100,6 +100,14 @@ def _partition_id(context: Context) -> int:
         raise ValueError("this node has no 'partition-id' in its node config "
                          "(start it with --node-config \"partition-id=N num-partitions=M\")")
     return int(context.node_config["partition-id"])
+
+
+def _asked_partition(config: ConfigRecord, context: Context) -> int:
+    """The partition a message asks for, which must be this node's."""
+    pid = int(config[PARTITION])
+    if pid != _partition_id(context):
+        raise ValueError(f"server asked for partition {pid}, this node holds {_partition_id(context)}")
+    return pid
 
 
 def _training_data(cfg: DictConfig, context: Context, partition_id: int):
@@ -203,9 +211,7 @@ def apply_update(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     run = _run_of(context, config)
-    server_round, pid = int(config[ROUND]), int(config[PARTITION])
-    if pid != _partition_id(context):
-        raise ValueError(f"server asked for partition {pid}, this node holds {_partition_id(context)}")
+    server_round, pid = int(config[ROUND]), _asked_partition(config, context)
     if "num-threads" in context.node_config:
         torch.set_num_threads(int(context.node_config["num-threads"]))
     x, y = _partition_data(run, context, pid)
@@ -230,9 +236,7 @@ def init_update(msg: Message, context: Context) -> Message:
     initial model and its own training examples."""
     config = msg.content["config"]
     run = _run_of(context, config)
-    pid = int(config[PARTITION])
-    if pid != _partition_id(context):
-        raise ValueError(f"server asked for partition {pid}, this node holds {_partition_id(context)}")
+    pid = _asked_partition(config, context)
     x, y = _partition_data(run, context, pid)
     run.method.load(run.model, run.initial, 0, required=run.initial)
     arrays, count, loss = run.method.init_update(run.model, x, y, int(config[SEED]))
@@ -246,9 +250,7 @@ def evaluate_client(msg: Message, context: Context) -> Message:
     would start the next round from (the global model of the round, with what it keeps for itself)."""
     config = msg.content["config"]
     run = _run_of(context, config)
-    server_round, pid = int(config[ROUND]), int(config[PARTITION])
-    if pid != _partition_id(context):
-        raise ValueError(f"server asked for partition {pid}, this node holds {_partition_id(context)}")
+    server_round, pid = int(config[ROUND]), _asked_partition(config, context)
     x, y = _partition_data(run, context, pid, held_out=True)
     arrays = msg.content["arrays"]
     model = _with_personal(run, context, run.method.load(run.model, arrays, server_round, required=arrays.keys()))

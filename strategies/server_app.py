@@ -166,10 +166,10 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder) -> Result:
              cfg.num_rounds)
 
     if method.initialises:  # before the initial model is evaluated: it is the initialised one
-        init = Ledger()
-        got = strategy.aggregate_init(grid.send_and_receive(strategy.configure_init(), timeout=timeout, ledger=init))
-        recorder.extra["initialisation"] = {"clients": got, "bytes_up": init.up, "bytes_down": init.down}
-        log.info("%s initialised from %d clients' data: %s up", method.name, got, human_bytes(init.up))
+        ledger.start_round()  # its bytes count in the totals (cum_bytes_*) from round 1 on
+        got = strategy.aggregate_init(grid.send_and_receive(strategy.configure_init(), timeout=timeout))
+        recorder.extra["initialisation"] = {"clients": got, "bytes_up": ledger.up, "bytes_down": ledger.down}
+        log.info("%s initialised from %d clients' data: %s up", method.name, got, human_bytes(ledger.up))
     arrays = result.arrays = strategy.global_arrays()
     initial = result.evaluate_metrics_serverapp[0] = evaluate_global(0, arrays)
     recorder.record_initial(initial["accuracy"], initial["loss"])

@@ -60,7 +60,7 @@ class MethodStrategy(Strategy):
         self.rank_of_partition = {pid: (node_ranks or {}).get(pid, method.rank_of(pid)) for pid in node_of_partition}
         self.expected: Spec = {}  # this round's reply arrays at the global model's shapes: key -> (shape, dtype)
         self.expected_of: dict[int, Spec] = {}  # each sampled client's, at its own rank
-        self.holding: set[int] = set()  # the clients that were sent the method's fixed state
+        self.holding: set[int] = set()  # the clients that hold the method's fixed state (they trained with it)
         self.sampled: list[int] = []  # this round's partition ids
         self.sent: list[Message] = []  # this round's messages
 
@@ -89,8 +89,6 @@ class MethodStrategy(Strategy):
             sent = down if rank is None else at_rank(down, rank)
             if pid in self.holding:  # it keeps what never changes
                 sent = {k: v for k, v in sent.items() if k not in fixed}
-            elif fixed:
-                self.holding.add(pid)
             self.expected_of[pid] = self.expected if rank is None else tensor_spec(at_rank(up, rank))
             if rank is not None:
                 config[RANK] = rank
@@ -129,6 +127,8 @@ class MethodStrategy(Strategy):
                 if reply.num_examples != expected:
                     raise ReplyRejected(f"claims {reply.num_examples} examples, its partition has {expected}")
                 accepted[pid] = reply
+                if self.method.fixed_keys(self.model):
+                    self.holding.add(pid)  # it trained: it holds the fixed state it was sent
             except ReplyRejected as e:
                 log.warning("round %d: rejected the reply of client %d: %s", server_round, pid, e)
                 rejected += 1

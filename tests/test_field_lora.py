@@ -156,6 +156,7 @@ def test_aad_lora_trains_lora_s_numbers_and_its_update_reaches_rank_2r():
     (["method=ffa_lora", "adapter=aad_lora"], "trains only the adapter's B"),
     (["method=flora", "adapter=bora"], "stacks LoRA's factors"),
     (["method=rolora", "adapter=lora", "method.first=C"], "method.first must be A or B"),
+    (["method=fedsa_lora", "eval.clients=false"], "only the clients can evaluate the models it trains"),
 ])
 def test_a_method_refuses_what_its_math_does_not_take(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -298,6 +299,9 @@ def test_a_method_of_one_rank_refuses_heterogeneous_ranks_and_names_those_that_t
         config("method=fedit", *RANKS)
     with pytest.raises(ConfigError, match="adapter.ranks must list ranks between 1 and adapter.r=8"):
         config("method=flora", "adapter=lora", "adapter.ranks=[4,16]")
+    for method in ("flexlora", "zero_pad"):  # a lower rank cannot take the global initial product out of W
+        with pytest.raises(ConfigError, match="adapter.ranks with adapter.subtract_initial=true"):
+            config(f"method={method}", "adapter=lora_nonzero", "adapter.ranks=[4,8]")
 
 
 @pytest.mark.parametrize("preset", ["flora-ranks", "flexlora-ranks", "zero_pad-ranks"])
@@ -454,6 +458,7 @@ def test_a_short_run_of_fed_sb_sends_the_frames_once_and_r_squared_each_round(pr
     method, model = built(cfg)
     weights_bytes = arrays_bytes(model, method.init_keys(model))
     assert init["clients"] == cfg.clients_per_round and init["bytes_up"] == cfg.clients_per_round * weights_bytes
+    assert rows[0]["cum_bytes_up"] == init["bytes_up"] + rows[0]["bytes_up"]  # the dense gradients count
     full = arrays_bytes(model, method.down_keys(model, 1))
     frames = arrays_bytes(model, method.fixed_keys(model))
     seen = set()

@@ -86,20 +86,23 @@ def test_broadcast_update_gives_the_same_global_model_as_sending_it(method, pres
     assert first["bytes_up"] == last["bytes_up"] == 2 * per_client
 
 
-def test_the_replicas_of_every_node_a_process_serves_agree_with_the_server(monkeypatch):
+@pytest.mark.parametrize("preset", [["method=fedmud_bkd_aad"], ["method=aad_lora_mud", "adapter=kron_aad"]])
+def test_the_replicas_of_every_node_a_process_serves_agree_with_the_server(preset):
     """Under broadcast_update one process serves several nodes with one model: after a round, the
-    replica of every node (trained this round or not) is the server's global model as round 2 starts."""
+    replica of every node (trained this round or not) is the server's global model as round 2 starts;
+    for FedMUD from scratch and for MUD on a pretrained model's adapters."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from clients import client_app
-    from conftest import SMALL
+    from conftest import SMALL, TINY_TEXT
     from fedlora.config import to_json
     from fedlora.protocol import CONFIG
     from strategies.strategy import MethodStrategy
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    cfg = resolve(compose(SMALL + ["method=fedmud_bkd_aad", "method.downlink=broadcast_update"]))
+    base = TINY_TEXT if "adapter=kron_aad" in preset else SMALL
+    cfg = resolve(compose(base + preset + ["method.downlink=broadcast_update"]))
     method, model = built(cfg)
     strategy = MethodStrategy(method, model, {pid: 100 + pid for pid in range(4)}, 2, cfg.seed)
     contexts = {}

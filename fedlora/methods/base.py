@@ -36,7 +36,7 @@ from fedlora.errors import ConfigError
 from fedlora.ledger import serialized_bytes
 from fedlora.models import dense_model
 from fedlora.parametrizations.adapters import ADAPTERS, AdapterConfig, inject_adapters
-from fedlora.parametrizations.base import delta_layers, reset_deltas
+from fedlora.parametrizations.base import delta_key, delta_layers, reset_deltas
 from fedlora.parametrizations.factorizations import KronShape, factorize
 from fedlora.parametrizations.sizing import Plan, plan_sizes
 from fedlora.seeds import derive_seed
@@ -241,6 +241,14 @@ def mean_update(model: nn.Module, updates: list[Update]) -> dict[str, torch.Tens
     return mean
 
 
+def mean_besides(model: nn.Module, updates: list[Update], factors: Iterable[str]) -> dict:
+    """The example-weighted mean of every array of the updates but the delta layers' `factors` (the
+    head, and whatever else trains besides the adapters), for a method that combines those factors
+    itself."""
+    skip = {delta_key(name, f) for name, _ in delta_layers(model) for f in factors}
+    return weighted_mean(updates, [k for k in updates[0].arrays if k not in skip])
+
+
 class AdapterMethod(Method):
     """FedAvg over the configured adapter (`adapter=lora`, ...) on a pretrained model: the pretrained
     weights stay frozen and never travel; the adapters and the new head train and travel."""
@@ -274,6 +282,10 @@ class AdapterMethod(Method):
             able = sorted(n for n, m in METHODS.items() if getattr(m, "heterogeneous", False))
             raise ConfigError(f"adapter.ranks gives clients different ranks; method={cls.name} averages adapters of one "
                               f"rank: use method={', '.join(able)}, or leave adapter.ranks out")
+        if cfg.adapter.get("ranks") and cfg.adapter.get("subtract_initial"):
+            raise ConfigError("adapter.ranks with adapter.subtract_initial=true: a client of a lower rank would take its own "
+                              "initial product out of the frozen weights, not the global one; use adapter=lora, or "
+                              "adapter.subtract_initial=false")
 
     def rank_of(self, partition_id: int) -> int | None:
         return self._tiers[partition_id] if self._tiers else None

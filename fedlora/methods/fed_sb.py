@@ -8,8 +8,9 @@ examples (split over a seeded set of `clients_per_round` clients, each summing o
 the approximation -init_lr · sign(G) of full fine-tuning's first (Adam) step; its truncated SVD
 U_r Σ_r V_rᵀ sets B = U_r, A = V_rᵀ and R = Σ_r / s, so the model starts from the best rank-r
 approximation of that step. What travels: the gradients once, up, from the init clients (dense,
-counted in the ledger as the run's initialisation); B and A once, down, to each client the first time
-it is sampled (it keeps them in its node state); then R and the head each way, r² numbers a layer up.
+counted in the ledger's totals and in `summary.json` under `initialisation`); B and A once, down, to
+each client the first time it is sampled (it keeps them in its node state); then R and the head
+each way, r² numbers a layer up.
 How the server combines: it averages R (and the head). s B R_k A is linear in R_k, so the average is
 exactly the mean of the clients' updates.
 """
@@ -57,9 +58,6 @@ class FedSB(AdapterMethod):
     def global_keys(self, model: nn.Module) -> list[str]:
         keys = set(trained_keys(model)) | set(self.fixed_keys(model))
         return [k for k in model.state_dict() if k in keys]
-
-    def up_keys(self, model: nn.Module, server_round: int) -> list[str]:
-        return trained_keys(model)
 
     # --- the initialisation ------------------------------------------------------------------------
     def init_keys(self, model: nn.Module) -> list[str]:

@@ -5,15 +5,17 @@ leaves the client: each client keeps its own B between rounds (in its Flower nod
 from B = 0 the first time it is sampled. How the server combines: it averages A and the head. The
 paper's reading: A learns what all clients share, B what is each client's own.
 
-The global model on the server has no B of its own (it stays at 0), so what the server evaluates is
-the pretrained model with the shared head; the method is measured by each client's evaluation of its
-personalised model (`eval.clients=true`, which its preset sets).
+The global model on the server has no trained B of its own (it stays at its initial value), so what
+the server evaluates is the pretrained model with the shared A and head; the method is measured by
+each client's evaluation of its personalised model (`eval.clients=true`, which it requires and its
+preset sets).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from fedlora.errors import ConfigError
 from fedlora.methods.base import AdapterMethod, trained_keys
 from fedlora.methods.registry import register_method
 from fedlora.parametrizations.base import delta_key, delta_layers
@@ -23,6 +25,13 @@ from fedlora.parametrizations.base import delta_key, delta_layers
 class FedSALoRA(AdapterMethod):
     adapters = ("lora", "lora_nonzero")
     adapters_because = "keeps LoRA's B on each client"
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if not cfg.eval.clients:
+            raise ConfigError("method=fedsa_lora keeps each client's B on the client: only the clients can evaluate the "
+                              "models it trains; keep eval.clients=true (its preset's)")
 
     def personal_keys(self, model: nn.Module) -> list[str]:
         return [delta_key(name, "lora_B") for name, _ in delta_layers(model)]

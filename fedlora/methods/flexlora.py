@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedlora.aggregate import Update, truncated_factors, weighted_mean
-from fedlora.methods.base import AdapterMethod, mean_update
+from fedlora.aggregate import Update, truncated_factors
+from fedlora.methods.base import AdapterMethod, mean_besides, mean_update
 from fedlora.methods.registry import register_method
 from fedlora.parametrizations.adapters import padded
 from fedlora.parametrizations.base import delta_key, delta_layers
@@ -34,10 +34,8 @@ class FlexLoRA(AdapterMethod):
     def aggregate(self, model: nn.Module, updates: list[Update]) -> None:
         r = self.adapter.r  # a client of a lower rank: its factors padded with zeros, B_k A_k unchanged
         mean = mean_update(model, [Update(padded(u.arrays, r), u.num_examples) for u in updates])  # Σ p_k B_k A_k
-        layers = delta_layers(model)
-        factors = {delta_key(name, f) for name, _ in layers for f in ("lora_A", "lora_B")}
-        new = weighted_mean(updates, [k for k in updates[0].arrays if k not in factors])  # the head
-        for name, layer in layers:
+        new = mean_besides(model, updates, ("lora_A", "lora_B"))  # the head
+        for name, layer in delta_layers(model):
             b, a = truncated_factors(mean[name].double().cpu().numpy(), layer.delta.r)
             for key, value in ((delta_key(name, "lora_B"), b), (delta_key(name, "lora_A"), a)):
                 new[key] = value.astype(updates[0].arrays[key].dtype)

@@ -20,15 +20,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedlora.aggregate import Update, stacked_factors, weighted_mean, weights
+from fedlora.aggregate import Update, stacked_factors, weights
 from fedlora.errors import ConfigError
-from fedlora.methods.base import AdapterMethod
+from fedlora.methods.base import AdapterMethod, mean_besides
 from fedlora.methods.fedmud import MUD
 from fedlora.methods.registry import register_method
 from fedlora.parametrizations.base import delta_key, delta_layers
 from fedlora.state import load_arrays
-
-FACTORS = ("lora_A", "lora_B")
 
 
 @register_method("flora")
@@ -47,11 +45,9 @@ class FLoRA(MUD, AdapterMethod):
                               "its own rank must add nothing to the global model")
 
     def aggregate(self, model: nn.Module, updates: list[Update]) -> None:
-        layers = delta_layers(model)
-        factors = {delta_key(name, f) for name, _ in layers for f in FACTORS}
-        new = weighted_mean(updates, [k for k in updates[0].arrays if k not in factors])  # the head
+        new = mean_besides(model, updates, ("lora_A", "lora_B"))  # the head
         shares = weights(updates)
-        for name, layer in layers:
+        for name, layer in delta_layers(model):
             b, a = stacked_factors([u.arrays[delta_key(name, "lora_B")] for u in updates],
                                    [u.arrays[delta_key(name, "lora_A")] for u in updates],
                                    [share * layer.scaling for share in shares])
