@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-PLOTS = ("accuracy_vs_uplink", "accuracy_vs_rounds")
+PLOTS = ("accuracy_vs_uplink", "accuracy_vs_downlink", "accuracy_vs_rounds")
 
 
 def byte_tick(n: float, _pos=None) -> str:
@@ -43,6 +43,7 @@ def plot_accuracy(groups: Sequence, out: Path, title: str, target: float | None)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for name, x_key, xlabel in (
         ("accuracy_vs_uplink", "cum_bytes_up", "cumulative uplink (all clients, log scale)"),
+        ("accuracy_vs_downlink", "cum_bytes_down", "cumulative downlink (all clients, log scale)"),
         ("accuracy_vs_rounds", "round", "round"),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
@@ -65,7 +66,7 @@ def plot_accuracy(groups: Sequence, out: Path, title: str, target: float | None)
                 lo, hi = min(lo, x.min()), max(hi, x.max())
         if target is not None:
             ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
-        if x_key == "cum_bytes_up":
+        if x_key.startswith("cum_bytes"):
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(FuncFormatter(byte_tick))
             # within two decades, label 2x and 5x too, so the axis has more than one number

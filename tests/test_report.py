@@ -94,7 +94,7 @@ def test_the_table_holds_the_runs_numbers(sweep, tmp_path):
     assert "| method=fedavg |" in md and "| method=fedmud_bkd_aad |" in md
     assert rows["fedavg"]["local.lr"] == "0.03" and rows["fedmud_bkd_aad"]["local.lr"] == "0.01"
     assert "not reached" in md  # the target splits the runs
-    for name in ("accuracy_vs_uplink", "accuracy_vs_rounds"):
+    for name in ("accuracy_vs_uplink", "accuracy_vs_downlink", "accuracy_vs_rounds"):
         png = (tmp_path / "rep" / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
         svg = (tmp_path / "rep" / f"{name}.svg").read_text()
