@@ -249,6 +249,10 @@ def mean_besides(model: nn.Module, updates: list[Update], factors: Iterable[str]
     return weighted_mean(updates, [k for k in updates[0].arrays if k not in skip])
 
 
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
 class AdapterMethod(Method):
     """FedAvg over the configured adapter (`adapter=lora`, ...) on a pretrained model: the pretrained
     weights stay frozen and never travel; the adapters and the new head train and travel."""
@@ -277,9 +281,7 @@ class AdapterMethod(Method):
             raise ConfigError(f"method={cls.name} {cls.adapters_because}; adapter={cfg.adapter.name} is not one of "
                               f"them: use adapter={' or '.join(cls.adapters)}")
         if cfg.adapter.get("ranks") and not cls.heterogeneous:
-            from fedlora.methods.registry import METHODS
-
-            able = sorted(n for n, m in METHODS.items() if getattr(m, "heterogeneous", False))
+            able = sorted(m.name for m in _subclasses(AdapterMethod) if m.heterogeneous and m.name)
             raise ConfigError(f"adapter.ranks gives clients different ranks; method={cls.name} averages adapters of one "
                               f"rank: use method={', '.join(able)}, or leave adapter.ranks out")
         if cfg.adapter.get("ranks") and cfg.adapter.get("subtract_initial"):
