@@ -4,8 +4,8 @@ The run's config reaches a node once, in the query that opens the run, and stays
 state; a train message carries the round, the client's partition and its training seed, and the
 arrays that the method sends down. From the config, the client builds the same method as the server
 (`fedlora.methods`), which says what it trains, what it must have received and what it sends back.
-Under a method that broadcasts (FedMUD's method.downlink=broadcast_update), the client keeps a replica
-of the global model in its node state instead, updated after every round.
+Under a method that broadcasts (method.downlink=broadcast_update: FedMUD, FLoRA, FedEx-LoRA), the client
+keeps a replica of the global model in its node state instead, updated after every round.
 
 Under a personalised method (FedSA-LoRA) the client keeps what it never sends (its B) in its node
 state too. Under eval.clients it trains on all but a seeded held-out fraction of its data and answers
@@ -199,9 +199,7 @@ def apply_update(msg: Message, context: Context) -> Message:
     run = _run_of(context, msg.content["config"])
     updated = int(msg.content["config"][ROUND])  # the round whose update this is
     model = _replica(run, context, updated)
-    update = msg.content["arrays"]
-    load_arrays(model, update, required=update.keys())
-    run.method.start_round(model, updated + 1)
+    run.method.apply_broadcast(model, msg.content["arrays"], updated)
     context.state[REPLICA] = ArrayRecord(state_tensors(model, run.method.global_keys(model)))
     context.state[REPLICA_ROUND] = ConfigRecord({"round": updated})
     return Message(RecordDict(), reply_to=msg)

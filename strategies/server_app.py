@@ -182,7 +182,9 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder) -> Result:
         if method.broadcasts and rnd < cfg.num_rounds:  # after the last round there is no next one to prepare
             strategy.aggregate_broadcast(rnd, grid.send_and_receive(strategy.configure_broadcast(rnd), timeout=timeout))
         scores = evaluate_global(rnd, arrays)
-        row = {}
+        row = method.round_figures()  # what the method measures of its own aggregation
+        if row:
+            log.info("round %d: %s", rnd, ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
         if cfg.eval.clients:  # its messages counted apart: evaluation is not what the method costs
             evaluation = Ledger()
             replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid),
@@ -190,7 +192,7 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder) -> Result:
             clients = strategy.aggregate_evaluate(rnd, replies)
             if clients is not None:
                 result.evaluate_metrics_clientapp[rnd] = clients
-                row = dict(clients) | {"eval_bytes_down": evaluation.down, "eval_bytes_up": evaluation.up}
+                row |= dict(clients) | {"eval_bytes_down": evaluation.down, "eval_bytes_up": evaluation.up}
         result.arrays = arrays
         result.train_metrics_clientapp[rnd], result.evaluate_metrics_serverapp[rnd] = train, scores
         recorder.record_round({

@@ -108,6 +108,7 @@ class MethodStrategy(Strategy):
         partition_of_node = {n: p for p, n in self.node_of_partition.items()}
         accepted: dict[int, TrainReply] = {}
         rejected, errors = 0, []
+        has_fixed = bool(self.method.fixed_keys(self.model))
         for msg in replies:
             pid = partition_of_node.get(node_of_reply(msg, self.sent), -1)
             try:
@@ -127,7 +128,7 @@ class MethodStrategy(Strategy):
                 if reply.num_examples != expected:
                     raise ReplyRejected(f"claims {reply.num_examples} examples, its partition has {expected}")
                 accepted[pid] = reply
-                if self.method.fixed_keys(self.model):
+                if has_fixed:
                     self.holding.add(pid)  # it trained: it holds the fixed state it was sent
             except ReplyRejected as e:
                 log.warning("round %d: rejected the reply of client %d: %s", server_round, pid, e)
@@ -191,16 +192,20 @@ class MethodStrategy(Strategy):
 
     # --- the broadcast of a method whose clients keep replicas ----------------------------------
     def configure_broadcast(self, server_round: int) -> list[Message]:
-        """After `server_round` (but the last), every client's message with the round's update: the
-        arrays that the clients send up, as aggregated (or as the round started, without a valid reply)."""
+        """After `server_round` (but the last), every client's message with the round's change, as the
+        method's `broadcast` gives it (by default the arrays that clients send up, as aggregated, or as
+        the round started without a valid reply)."""
         if not self.method.broadcasts:
             return []
-        update = state_tensors(self.model, self.expected)
-        self.sent = [Message(RecordDict({"arrays": ArrayRecord(dict(update)),
-                                         "config": ConfigRecord({ROUND: server_round})}),
-                             dst_node_id=node, message_type=f"{MessageType.TRAIN}.{APPLY_UPDATE}",
-                             group_id=f"{server_round}-update")
-                     for _, node in sorted(self.node_of_partition.items())]
+        update = self.method.broadcast(self.model, server_round)
+        self.sent = []
+        for pid, node in sorted(self.node_of_partition.items()):
+            config = ConfigRecord({ROUND: server_round})
+            if self.rank_of_partition.get(pid) is not None:  # its replica is at its own rank
+                config[RANK] = self.rank_of_partition[pid]
+            self.sent.append(Message(RecordDict({"arrays": ArrayRecord(dict(update)), "config": config}),
+                                     dst_node_id=node, message_type=f"{MessageType.TRAIN}.{APPLY_UPDATE}",
+                                     group_id=f"{server_round}-update"))
         return self.sent
 
     def aggregate_broadcast(self, server_round: int, replies: Iterable[Message]) -> int:

@@ -326,6 +326,78 @@ def test_a_short_run_with_heterogeneous_ranks_checks_each_client_at_its_own_shap
             assert row["clients_evaluated"] == cfg.num_clients and 0 <= row["client_accuracy_worst"] <= 1
 
 
+# --- the broadcast downlink of FLoRA and FedEx-LoRA ---------------------------------------------------
+
+def test_fedex_lora_sends_its_residual_as_a_rank_q_svd_and_says_how_far_that_is_from_exact():
+    """Under method.residual_rank=q the server folds the rank-q truncated SVD of the residual
+    R = Σ p_k B_k A_k − B̄ Ā instead of R: the global model then differs from the exact mean by
+    s (R − R_q), and the round's figures give ‖R − R_q‖ / ‖R‖ as the SVD's tail says; a q at least
+    R's rank (K r + r) is exact again."""
+    from fedlora.parametrizations.base import delta_key
+
+    results = {}
+    for q in (0, 1, 40):
+        overrides = ["method=fedex_lora", "method.downlink=broadcast_update", f"method.residual_rank={q}"]
+        method, server = built(config(*overrides))
+        updates, _ = play_round(method, server, 1, scale=0.5)
+        method.aggregate(server, updates)
+        results[q] = method, effective(server)
+    method, exact = results[0]
+    assert method.round_figures() == {}  # dense: nothing to report
+    shares = weights(updates)
+    tail = whole = 0.0
+    for name, layer in delta_layers(built(config("method=fedex_lora"))[1]):
+        b = [u.arrays[delta_key(name, "lora_B")].astype(np.float64) for u in updates]
+        a = [u.arrays[delta_key(name, "lora_A")].astype(np.float64) for u in updates]
+        residual = (sum(p * b_k @ a_k for p, b_k, a_k in zip(shares, b, a))
+                    - sum(p * b_k for p, b_k in zip(shares, b)) @ sum(p * a_k for p, a_k in zip(shares, a)))
+        sigma = np.linalg.svd(residual, compute_uv=False)
+        assert sigma[1] > 1e-3 * sigma[0]  # more than rank 1: q = 1 loses something
+        tail, whole = tail + (sigma[1:] ** 2).sum(), whole + (sigma ** 2).sum()
+        lost = (exact[name] - results[1][1][name]).numpy() / layer.scaling  # R − R_1
+        np.testing.assert_allclose(np.linalg.svd(lost, compute_uv=False)[:3], sigma[1:4], rtol=1e-3)
+    figures = results[1][0].round_figures()
+    assert figures["residual_error"] == pytest.approx(np.sqrt(tail / whole), rel=1e-3)
+    assert 0 < figures["update_error"] < figures["residual_error"] < 1
+    assert gap(results[40][1], exact) < 1e-5 and results[40][0].round_figures()["residual_error"] < 1e-5
+
+
+def test_a_run_with_flora_s_broadcast_reaches_the_same_global_model_and_sends_only_stacked_factors(preset_run):
+    """FLoRA's paper downlink: every client is sent the head and the round's stacked factors and folds
+    them into its replica; at heterogeneous ranks the global model is the one a global downlink
+    gives, for a fraction of the downlink bytes."""
+    from strategies.strategy import sample
+
+    cfg, run_dir = preset_run("flora-ranks-broadcast")
+    rows, sent_w = metrics_rows(run_dir), metrics_rows(preset_run("flora-ranks")[1])
+    assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in sent_w]
+    assert [r["train_loss"] for r in rows] == pytest.approx([r["train_loss"] for r in sent_w], rel=1e-5)
+    method, server = built(cfg)
+    picked = sample(range(cfg.num_clients), cfg.clients_per_round, cfg.seed, 1)
+    stacked = sum(method.rank_of(p) for p in picked)
+    head = [k for k in method.up_keys(server, 1) if ".lora_" not in k]
+    per_client = arrays_bytes(server, head) + sum(
+        serialized_bytes(torch.zeros(layer.weight_shape[0], stacked)) + serialized_bytes(torch.zeros(stacked, layer.weight_shape[1]))
+        for _, layer in delta_layers(server))
+    assert rows[0]["bytes_down"] == cfg.num_clients * per_client  # every client, after round 1
+    assert rows[1]["bytes_down"] == 0  # none after the last round; train messages carry no arrays
+    assert rows[0]["bytes_down"] < sent_w[0]["bytes_down"] / 5
+    assert [r["bytes_up"] for r in rows] == [r["bytes_up"] for r in sent_w]
+
+
+def test_a_run_of_fedex_lora_with_a_rank_2_residual_logs_its_error_and_sends_2_m_plus_n_a_layer(preset_run):
+    cfg, run_dir = preset_run("fedex_lora-residual2")
+    rows = metrics_rows(run_dir)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    method, server = built(cfg)
+    residual = sum(serialized_bytes(torch.zeros(layer.weight_shape[0], 2)) + serialized_bytes(torch.zeros(2, layer.weight_shape[1]))
+                   for _, layer in delta_layers(server))
+    assert rows[0]["bytes_down"] == cfg.num_clients * (arrays_bytes(server, method.up_keys(server, 1)) + residual)
+    assert rows[1]["bytes_down"] == 0
+    for row in rows:
+        assert 0 < row["update_error"] <= row["residual_error"] <= 1
+
+
 # --- FedSA-LoRA and per-client evaluation ------------------------------------------------------------
 
 

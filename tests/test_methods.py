@@ -86,11 +86,13 @@ def test_broadcast_update_gives_the_same_global_model_as_sending_it(method, pres
     assert first["bytes_up"] == last["bytes_up"] == 2 * per_client
 
 
-@pytest.mark.parametrize("preset", [["method=fedmud_bkd_aad"], ["method=aad_lora_mud", "adapter=kron_aad"]])
+@pytest.mark.parametrize("preset", [["method=fedmud_bkd_aad"], ["method=aad_lora_mud", "adapter=kron_aad"],
+                                    ["method=flora"], ["method=fedex_lora"], ["method=fedex_lora", "method.residual_rank=2"]])
 def test_the_replicas_of_every_node_a_process_serves_agree_with_the_server(preset):
     """Under broadcast_update one process serves several nodes with one model: after a round, the
     replica of every node (trained this round or not) is the server's global model as round 2 starts;
-    for FedMUD from scratch and for MUD on a pretrained model's adapters."""
+    for FedMUD from scratch, for MUD on a pretrained model's adapters, for FLoRA's stacked factors and
+    for FedEx-LoRA's residual (dense, or its rank-2 SVD, which server and replicas fold alike)."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -101,7 +103,7 @@ def test_the_replicas_of_every_node_a_process_serves_agree_with_the_server(prese
     from strategies.strategy import MethodStrategy
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    base = TINY_TEXT if "adapter=kron_aad" in preset else SMALL
+    base = SMALL if preset[0].startswith("method=fedmud") else TINY_TEXT
     cfg = resolve(compose(base + preset + ["method.downlink=broadcast_update"]))
     method, model = built(cfg)
     strategy = MethodStrategy(method, model, {pid: 100 + pid for pid in range(4)}, 2, cfg.seed)

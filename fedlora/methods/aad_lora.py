@@ -10,13 +10,13 @@ Kronecker blocks (kron_aad), not r.
 
 `aad_lora_mud` adds Model Update Decomposition: every `method.interval` rounds the update is folded into
 the frozen weights and the factors are redrawn from a round seed, so the global model's update is not
-bounded by one adapter's rank. The folded weights then travel down (`fedmud.MUD`).
+bounded by one adapter's rank. The folded weights then travel down (`mud.MUD`).
 """
 
 from __future__ import annotations
 
 from fedlora.methods.base import AdapterMethod
-from fedlora.methods.fedmud import MUD, MUDConfig
+from fedlora.methods.mud import MUD, MUDConfig
 from fedlora.methods.registry import register_method
 
 

@@ -13,7 +13,8 @@ sides use it:
    (what a sampled client receives in a round), `up_keys` (what it sends back);
 3. how the server combines: `aggregate`, which writes the new global state into the server's model;
    and the round hooks: `start_round` (FedMUD's fold and redraw, on the server and on every replica),
-   `broadcasts` (FedMUD's downlink that sends every client the round's update).
+   `broadcasts` (`method.downlink=broadcast_update`: every client keeps a replica of the global model
+   and is sent, after each round, what `broadcast` says and applies it as `apply_broadcast` says).
 
 The families: `FactorizedMethod` (FedMUD, FedLMT, FedPara: the adapted layers of a model trained from
 scratch, factorized to a target uplink ratio) and `AdapterMethod` (FedIT, FFA-LoRA, LoRA-FAIR,
@@ -52,6 +53,22 @@ class MethodConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for a value that its type cannot rule out."""
+
+
+DOWNLINKS = ("global", "broadcast_update")
+
+
+@dataclass
+class DownlinkConfig(MethodConfig):
+    """The config of a method that can broadcast: `global`, sampled clients receive the global state;
+    `broadcast_update`, every client keeps a replica and receives each round's change after the round."""
+
+    downlink: str = "global"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.downlink not in DOWNLINKS:
+            raise ConfigError(f"method.downlink must be global or broadcast_update (got {self.downlink})")
 
 
 def trained_keys(model: nn.Module) -> list[str]:
@@ -102,8 +119,8 @@ class Method:
 
     def initial_model(self, rank: int | None = None) -> nn.Module:
         """The global model as the run starts, built as the server and every client build it (with
-        adapters of a client's own `rank`, under heterogeneous ranks)."""
-        return self.build(dense_model(self.cfg)) if rank is None else self.build(dense_model(self.cfg), rank)
+        adapters of a client's own `rank`, under heterogeneous ranks: `AdapterMethod`)."""
+        return self.build(dense_model(self.cfg))
 
     def rank_of(self, partition_id: int) -> int | None:
         """The adapter rank of a client, under heterogeneous ranks; None: the global model's."""
@@ -134,9 +151,24 @@ class Method:
 
     @property
     def broadcasts(self) -> bool:
-        """Whether every client keeps a replica of the global model, sent each round's update (the
-        `up_keys` arrays, averaged) after the round, instead of receiving the model when sampled."""
-        return False
+        """Whether every client keeps a replica of the global model, sent each round's change after the
+        round (`broadcast`), instead of receiving the model when sampled (`method.downlink`)."""
+        return getattr(self.config, "downlink", "global") == "broadcast_update"
+
+    def broadcast(self, model: nn.Module, server_round: int) -> dict[str, torch.Tensor]:
+        """What every client is sent after `server_round` has been aggregated into `model`: by default
+        the arrays that clients send up, as aggregated."""
+        return state_tensors(model, self.up_keys(model, server_round))
+
+    def apply_broadcast(self, model: nn.Module, arrays: Mapping, server_round: int) -> None:
+        """A replica's part of `server_round`'s aggregation, from what `broadcast` sent: afterwards the
+        replica is the server's global model as the next round starts."""
+        load_arrays(model, arrays, required=arrays.keys())
+        self.start_round(model, server_round + 1)
+
+    def round_figures(self) -> dict[str, float]:
+        """Figures of the last aggregation for the round's record (FedEx-LoRA's approximation error)."""
+        return {}
 
     # --- 2. what travels --------------------------------------------------------------------------
     def global_keys(self, model: nn.Module) -> list[str]:
@@ -292,7 +324,11 @@ class AdapterMethod(Method):
     def rank_of(self, partition_id: int) -> int | None:
         return self._tiers[partition_id] if self._tiers else None
 
+    def initial_model(self, rank: int | None = None) -> nn.Module:
+        return self.build(dense_model(self.cfg), rank)
+
     def build(self, dense: nn.Module, rank: int | None = None) -> nn.Module:
+        """The pretrained model with the configured adapter (of `rank`, where given) on its targets."""
         inject_adapters(dense, self.adapter, rank)
         reset_deltas(dense, self.factor_seed(0))
         return dense

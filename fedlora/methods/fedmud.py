@@ -24,77 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from omegaconf import MISSING
-from torch import nn
 
 from fedlora.errors import ConfigError
-from fedlora.methods.base import FactorizedMethod, MethodConfig, folded_keys
+from fedlora.methods.base import FactorizedMethod
+from fedlora.methods.mud import MUD, MUDConfig
 from fedlora.methods.registry import register_method
-from fedlora.parametrizations.base import delta_key, delta_layers, reset_deltas
-from fedlora.seeds import derive_seed
-
-DOWNLINKS = ("global", "broadcast_update")
-
-
-@dataclass
-class MUDConfig(MethodConfig):
-    interval: int = MISSING  # fold ΔW into W and redraw the factors every `interval` rounds
-    # global: sampled clients receive the global weights; broadcast_update: every client receives
-    # each round's aggregated update and keeps its own replica
-    downlink: str = "global"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.interval < 1:
-            raise ConfigError(f"method.interval must be >= 1 (got {self.interval})")
-        if self.downlink not in DOWNLINKS:
-            raise ConfigError(f"method.downlink must be global or broadcast_update (got {self.downlink})")
-
-
-class MUD:
-    """Model Update Decomposition's round protocol, for a Method whose config is a MUDConfig: every
-    `interval` rounds the delta is folded into the frozen weights W and redrawn from a round seed. W
-    then belongs to the global state and travels down (or, with `downlink: broadcast_update`, every
-    client keeps a replica and is sent each round's update)."""
-
-    @property
-    def interval(self) -> int:
-        """Rounds between folds."""
-        return self.config.interval
-
-    def redraws(self, server_round: int) -> bool:
-        """Whether the update is folded into W and the factors redrawn as this round starts."""
-        return server_round >= 1 and (server_round - 1) % self.interval == 0
-
-    def factor_seed(self, server_round: int) -> int:
-        last_redraw = server_round - (server_round - 1) % self.interval if server_round >= 1 else 0
-        return derive_seed(self.cfg.seed, "factors", last_redraw)
-
-    def regenerate(self, model: nn.Module, server_round: int) -> None:
-        # every factor: the frozen ones, and the trained ones that the round's arrays then overwrite
-        # (or, in a round that redraws, that start at their fresh values)
-        reset_deltas(model, self.factor_seed(server_round))
-
-    def start_round(self, model: nn.Module, server_round: int) -> None:
-        if self.redraws(server_round):
-            for _, layer in delta_layers(model):
-                layer.fold()
-            self.regenerate(model, server_round)
-
-    @property
-    def broadcasts(self) -> bool:
-        return self.config.downlink == "broadcast_update"
-
-    def global_keys(self, model: nn.Module) -> list[str]:
-        """What trains, and the frozen weights W that the folds change."""
-        return folded_keys(model)
-
-    def down_keys(self, model: nn.Module, server_round: int) -> list[str]:
-        if self.broadcasts:
-            return []
-        if not self.redraws(server_round):
-            return self.global_keys(model)
-        redrawn = {delta_key(name, p) for name, layer in delta_layers(model) for p, _ in layer.delta.named_parameters()}
-        return [k for k in self.global_keys(model) if k not in redrawn]
 
 
 @register_method("fedmud")

@@ -2,6 +2,8 @@
 sent; only B (and the head) train and travel. About half of FedIT's uplink, and since the update
 B A is linear in B, the average of the B's gives the average update exactly."""
 
+from __future__ import annotations
+
 from torch import nn
 
 from fedlora.methods.base import AdapterMethod
@@ -14,8 +16,8 @@ class FFALoRA(AdapterMethod):
     adapters = ("lora", "lora_nonzero", "bora")
     adapters_because = "trains only the adapter's B"
 
-    def build(self, dense: nn.Module) -> nn.Module:
-        model = super().build(dense)
+    def build(self, dense: nn.Module, rank: int | None = None) -> nn.Module:
+        model = super().build(dense, rank)
         # A, and BoRA's σ (which mixes A's blocks), keep their seeded values: frozen, so never sent
         for _, layer in delta_layers(model):
             for name, p in layer.delta.named_parameters():

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from omegaconf import MISSING
 from torch import nn
@@ -320,7 +321,6 @@ def at_rank(arrays: dict, rank: int) -> dict:
     """The global LoRA factors' share of a client of rank `rank`: B's first `rank` columns and A's
     first `rank` rows (other arrays as they are). On FlexLoRA's SVD factors that is the best rank-`rank`
     approximation; under zero padding, the truncation back to the client's rank."""
-    import numpy as np
 
     def cut(v, index):
         v = v[index]
@@ -332,8 +332,6 @@ def at_rank(arrays: dict, rank: int) -> dict:
 
 def padded(arrays: dict, rank: int) -> dict:
     """A client's LoRA factors padded with zeros to rank `rank` (HetLoRA's padding): B A unchanged."""
-    import numpy as np
-
     out = {}
     for k, v in arrays.items():
         if k.endswith(".lora_A"):
