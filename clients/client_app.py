@@ -44,7 +44,7 @@ from fedlora.data import has_dataset
 from fedlora.federated_data import client_tensors, local_tensors, split_for_clients, train_count
 from fedlora.methods import Method, make_method
 from fedlora.paths import absolute
-from fedlora.protocol import APPLY_UPDATE, CONFIG, INIT_UPDATE, NO_CONFIG, NO_FIXED, PARTITION, RANK, ROUND, SEED
+from fedlora.protocol import APPLY_UPDATE, CONFIG, FULL, INIT_UPDATE, NO_CONFIG, NO_FIXED, PARTITION, RANK, ROUND, SEED
 from fedlora.state import load_arrays, state_tensors
 from fedlora.training import evaluate, train_local
 
@@ -196,10 +196,15 @@ def _partition_data(run: ClientRun, context: Context, pid: int, held_out: bool =
 @app.train(APPLY_UPDATE)
 def apply_update(msg: Message, context: Context) -> Message:
     """Apply a broadcast update to this client's replica and start the next round as the server does."""
-    run = _run_of(context, msg.content["config"])
-    updated = int(msg.content["config"][ROUND])  # the round whose update this is
-    model = _replica(run, context, updated)
-    run.method.apply_broadcast(model, msg.content["arrays"], updated)
+    config = msg.content["config"]
+    run = _run_of(context, config)
+    updated = int(config[ROUND])  # the round whose update this is
+    if config.get(FULL, False):  # the whole global state after that round (a resumed run): a replica afresh
+        model = run.method.load(run.model, msg.content["arrays"], updated, required=run.method.global_keys(run.model))
+        run.method.start_round(model, updated + 1)
+    else:
+        model = _replica(run, context, updated)
+        run.method.apply_broadcast(model, msg.content["arrays"], updated)
     context.state[REPLICA] = ArrayRecord(state_tensors(model, run.method.global_keys(model)))
     context.state[REPLICA_ROUND] = ConfigRecord({"round": updated})
     return Message(RecordDict(), reply_to=msg)

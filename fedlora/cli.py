@@ -26,6 +26,11 @@ def _main(cfg: DictConfig) -> None:
     run_dir = hydra_cfg.runtime.output_dir
     try:
         cfg = resolve(cfg)
+        if cfg.resume is not None:  # the run's own config, in the run's own directory
+            from fedlora.checkpoint import resumed_config
+
+            cfg, _ = resumed_config(cfg.resume, list(hydra_cfg.overrides.task))
+            run_dir = cfg.resume
         setup_logging(cfg.verbose)
         # The data, the partitions and the model are checked before Ray starts, so that a mistake in
         # them stops here; the ServerApp, in this same process, reuses what they read.
@@ -36,7 +41,10 @@ def _main(cfg: DictConfig) -> None:
 
         run_simulation(cfg, run_dir)
     except (RunInterrupted, KeyboardInterrupt):
-        print(f"fedlora-sim: interrupted; the rounds completed so far are in {run_dir}", file=sys.stderr)
+        from fedlora.checkpoint import has_checkpoint
+
+        resumable = f" (go on with: fedlora-sim resume={run_dir})" if has_checkpoint(run_dir) else ""
+        print(f"fedlora-sim: interrupted; the rounds completed so far are in {run_dir}{resumable}", file=sys.stderr)
         sys.exit(130)
     except FedloraError as e:
         print(f"fedlora-sim: error: {e}", file=sys.stderr)

@@ -92,6 +92,13 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # a checkpoint every N rounds (0: none); auto: every round, spaced out only where writing one
+    # would take more than a twentieth of the rounds' time. The last round's is always written.
+    every: Any = "auto"
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -107,6 +114,8 @@ class Config:
     num_clients: int = MISSING
     clients_per_round: int = MISSING
     num_rounds: int = MISSING
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: Optional[str] = None  # a run directory: go on from its last checkpoint (fedlora.checkpoint)
     verbose: bool = False  # Flower's and Ray's own logs as well as fedlora's round lines
     tensorboard: Any = MISSING  # TensorBoard event files beside metrics.jsonl: "auto" (when installed), true, false
 
@@ -242,6 +251,9 @@ def validate(cfg: DictConfig) -> None:
                           'pip install "fedlora[tensorboard]", or leave tensorboard=auto')
     if cfg.simulation.backend != "ray":
         raise ConfigError(f"unknown simulation.backend '{cfg.simulation.backend}'; choose one of: ray")
+    every = cfg.checkpoint.every
+    if every != "auto" and not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
+        raise ConfigError(f"checkpoint.every must be auto or a number of rounds >= 0 (0: none; got {every})")
 
 
 def tensorboard_available() -> bool:
@@ -278,6 +290,8 @@ def resolve(cfg: DictConfig) -> DictConfig:
         cfg.data.root = absolute(os.environ["FEDLORA_DATA"], "FEDLORA_DATA", must_exist=exists)
     if cfg.data.cache_dir is not None:
         cfg.data.cache_dir = absolute(cfg.data.cache_dir, "data.cache_dir")
+    if cfg.resume is not None:
+        cfg.resume = absolute(cfg.resume, "resume", must_exist=True)
     validate(cfg)
     # every setting of the method and the adapter written out, defaults included, for the records
     for section in ("method", "adapter"):
@@ -304,8 +318,12 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from hydra.core.global_hydra import GlobalHydra
+
     register_schema()
     try:
+        if GlobalHydra.instance().is_initialized():  # inside fedlora-sim (a resume): its own search path
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
         with initialize_config_module(config_module="conf", version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:

@@ -9,7 +9,8 @@
   share in a `train.init_update` message before round 1.
 - What never changes after that (Fed-SB's B and A, the method's `fixed_keys`) is sent to a client
   once, the first time it is sampled; a node that lost it fails with NO_FIXED and is sent it again.
-- A method that broadcasts sends every client the round's update in a `train.apply_update` message.
+- A method that broadcasts sends every client the round's update in a `train.apply_update` message;
+  a resumed run first sends every client the whole global state in one (FULL), to build its replica from.
 """
 
 CONFIG = "fedlora.config"
@@ -17,5 +18,6 @@ NO_CONFIG = "holds no config of the run"
 ROUND, PARTITION, SEED = "round", "partition-id", "seed"
 RANK = "rank"  # a client's adapter rank, under heterogeneous ranks (adapter.ranks, or a node's `rank`)
 APPLY_UPDATE = "apply_update"
+FULL = "full"  # an apply_update message that carries the whole global state, not a round's change
 INIT_UPDATE = "init_update"  # a method that initialises from the clients' data: their share, before round 1
 NO_FIXED = "holds no fixed state of the run"  # a node that lost what it is sent once (Fed-SB's B and A)

@@ -50,6 +50,18 @@ class RunRecorder:
         self._metrics = open(self.dir / "metrics.jsonl", "w")
         self._board = self._tensorboard_writer(cfg)
 
+    def resume_from(self, checkpoint) -> None:
+        """Go on from a checkpoint's records (`fedlora.checkpoint.Checkpoint`): its rows are metrics.jsonl's
+        again (a row written after the checkpoint, by a run killed before the next one, is dropped),
+        and the ledger's totals and the run time go on from its."""
+        self.initial, self.extra = dict(checkpoint.initial), dict(checkpoint.extra)
+        self.ledger.total_up, self.ledger.total_down = checkpoint.total_up, checkpoint.total_down
+        self.started = time.time() - checkpoint.seconds
+        for row in checkpoint.rounds:
+            self.rounds.append(row)
+            self._metrics.write(json.dumps(_finite_or_none(row)) + "\n")
+        self._metrics.flush()
+
     def _tensorboard_writer(self, cfg: DictConfig):
         from fedlora.config import tensorboard_available
 
@@ -106,6 +118,16 @@ class RunRecorder:
         # TensorBoard's steps are integers: accuracy against the uplink kB sent so far
         self._board.add_scalar("test/accuracy_vs_uplink_kB", row["test_accuracy"], row["cum_bytes_up"] // 1000)
         self._board.flush()
+
+    def checkpoint(self, server_round: int, arrays):
+        """The checkpoint after `server_round` (`fedlora.checkpoint`): the global arrays, the ledger's
+        totals and the records so far."""
+        from fedlora.checkpoint import Checkpoint
+
+        return Checkpoint(round=server_round, arrays={k: a.numpy() for k, a in arrays.items()},
+                          total_up=self.ledger.total_up, total_down=self.ledger.total_down,
+                          seconds=round(time.time() - self.started, 3), initial=dict(self.initial),
+                          rounds=list(self.rounds), extra=dict(self.extra))
 
     def summary(self, status: str, error: str | None = None) -> dict[str, Any]:
         finite = [r for r in self.rounds if math.isfinite(r["test_accuracy"])]

@@ -27,7 +27,7 @@ from fedlora.records import human_bytes
 # Keys that do not make two runs different experiments: the seed is what a group averages over, the
 # others say where and how a run was executed, not what it computed.
 NOT_GROUPING = ("seed", "verbose", "tensorboard", "data.root", "data.cache_dir", "data.download",
-                "eval.batch_size", "simulation.")
+                "eval.batch_size", "simulation.", "resume", "checkpoint.")
 
 
 @dataclass

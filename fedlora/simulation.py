@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fedlora.config import to_json
+from fedlora.errors import RunInterrupted
 
 # Offline by default: no telemetry, no update check, no installing of app dependencies at run time.
 # Exported values win.
@@ -56,34 +57,45 @@ def run_simulation(cfg: DictConfig, run_dir: str | Path) -> None:
     from clients.client_app import app as client_app
     from fedlora.records import setup_logging
     from strategies.server_app import app as server_app
-    from strategies.server_app import stop_requested
+    from strategies.server_app import server_finished, stop_requested
 
     setup_logging(cfg.verbose)  # again: importing Flower set its own log level
 
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                       run_config={"fedlora-config": to_json(cfg), "run-dir": str(Path(run_dir).resolve())})
     stop_requested.clear()
+    server_finished.clear()
     # Flower waits for the ServerApp thread before it lets a KeyboardInterrupt through, so a first
-    # Ctrl-C asks the ServerApp to stop after closing its records; a second one interrupts at once.
-    restore = None
+    # Ctrl-C (or SIGTERM) asks the ServerApp to stop after closing its records and writing a
+    # checkpoint; a second one interrupts at once.
+    restore = {}
     if threading.current_thread() is threading.main_thread():
-        def on_sigint(signum, frame):
-            print("\nstopping after closing the records (Ctrl-C again to kill)", flush=True)
+        def on_signal(signum, frame):
+            print(f"\nstopping after closing the records ({signal.Signals(signum).name} again to kill)", flush=True)
             stop_requested.set()
-            signal.signal(signal.SIGINT, restore)
+            signal.signal(signum, restore[signum])
 
-        restore = signal.signal(signal.SIGINT, on_sigint)
+        restore = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        _run_simulation(
-            num_supernodes=cfg.num_clients,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app,
-            server_app=server_app,
-            backend_name=cfg.simulation.backend,
-            backend_config=backend_config(cfg),
-            server_app_context=context,
-            verbose_logging=bool(cfg.verbose),
-        )
+        try:
+            _run_simulation(
+                num_supernodes=cfg.num_clients,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                client_app=client_app,
+                server_app=server_app,
+                backend_name=cfg.simulation.backend,
+                backend_config=backend_config(cfg),
+                server_app_context=context,
+                verbose_logging=bool(cfg.verbose),
+            )
+        except SystemExit as e:
+            # Ray's driver answers SIGTERM with sys.exit(SIGTERM), in this thread: stop the ServerApp as
+            # Ctrl-C does, let it close its records and write its checkpoint, and say it was interrupted.
+            if e.code != signal.SIGTERM:
+                raise
+            stop_requested.set()
+            server_finished.wait(timeout=60)
+            raise RunInterrupted("stopped by SIGTERM") from None
     finally:
-        if restore is not None:
-            signal.signal(signal.SIGINT, restore)
+        for sig, handler in restore.items():
+            signal.signal(sig, handler)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import signal
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 from omegaconf import DictConfig
 
+from fedlora.checkpoint import CHECKPOINT_DIR, Checkpoint, Checkpointer, read_checkpoint, resumed_config
 from fedlora.config import compose, from_json, resolve, to_json
 from fedlora.data import DATASETS
 from fedlora.errors import FedloraError, RunInterrupted
@@ -41,18 +43,27 @@ log = logging.getLogger("fedlora")
 
 app = ServerApp()
 
-# Set by a launcher that runs this ServerApp in a thread (the simulation), where Ctrl-C cannot reach it.
-stop_requested = threading.Event()
+# Set by a launcher that runs this ServerApp in a thread (the simulation), where Ctrl-C cannot reach it;
+# and set by the ServerApp once its records are closed, for a launcher that must wait for that.
+stop_requested, server_finished = threading.Event(), threading.Event()
 
 
 def config_from_run_config(run_config) -> DictConfig:
+    """The run's config: from fedlora-sim, resolved (and resumed) already; under `flwr run`, composed
+    from the overrides, where `resume=RUN_DIR` among them gives that run's own config
+    (`fedlora.checkpoint.resumed_config`)."""
     if "fedlora-config" in run_config:
         return from_json(str(run_config["fedlora-config"]))
     try:
         overrides = shlex.split(str(run_config.get("overrides", "")))
     except ValueError as e:
         raise FedloraError(f"run config 'overrides' cannot be split into Hydra overrides: {e}") from e
-    return resolve(compose(overrides, str(run_config.get("config-name") or "config")))
+    cfg = resolve(compose(overrides, str(run_config.get("config-name") or "config")))
+    return resumed_config(cfg.resume, overrides)[0] if cfg.resume is not None else cfg
+
+
+def _interrupt(signum, frame):
+    raise RunInterrupted(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def run_dir_of(context: Context) -> Path:
@@ -143,16 +154,40 @@ class GlobalEvaluation:
         return MetricRecord({"accuracy": acc, "loss": loss})
 
 
-def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder) -> Result:
+def start_afresh(cfg: DictConfig, method: Method, model, strategy: MethodStrategy, grid: MeteredGrid,
+                 after: int, recorder: RunRecorder) -> None:
+    """What a resume after round `after` does about the state that lived on the nodes, which a new
+    run's nodes do not hold: replicas of the global model are rebuilt from the checkpoint (every
+    client is sent the global state once); what a method sends once is sent again to each client
+    when it is next sampled; what clients kept for themselves is lost, and the records say so.
+    Called as the first resumed round starts: what it sends counts in that round's bytes."""
+    notes = []
+    if method.broadcasts:
+        acked = strategy.aggregate_broadcast(after, grid.send_and_receive(strategy.configure_broadcast(after, full=True),
+                                                                          timeout=cfg.simulation.round_timeout))
+        notes.append(f"the replicas of the global model were rebuilt from the checkpoint on {acked} clients")
+    if method.fixed_keys(model):
+        notes.append("what the method sends once is sent again to each client when it is next sampled")
+    if method.personal_keys(model):
+        kept = ", ".join(sorted({k.rpartition(".")[2] for k in method.personal_keys(model)}))
+        notes.append(f"the {len(strategy.node_of_partition)} clients' own {kept} lived on the nodes and were lost: every "
+                     "client starts again from its initial value")
+        log.warning("resumed: %s", notes[-1])
+    recorder.extra.setdefault("resumed", []).append({"after_round": after, "notes": notes})
+
+
+def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer: Checkpointer | None = None,
+        resumed: Checkpoint | None = None) -> Result:
     """The rounds of a run, as Flower's Strategy.start runs them, with the broadcast of a method whose
-    clients keep replicas; each round's figures go into the records as the round ends."""
+    clients keep replicas; each round's figures go into the records as the round ends, and its
+    checkpoint to `checkpointer` when there is one. A `resumed` run goes on after its checkpoint's round."""
     method = make_method(cfg)
     model = method.initial_model()  # the server's copy of the global model
     train_split, _, parts = federated_data(cfg)
     node_of_partition, own_examples, node_ranks = discover_partitions(grid, cfg, cfg.simulation.round_timeout)
     recorder.write_partitions(class_histogram(train_split.labels, parts, DATASETS[cfg.dataset.name].num_classes),
                               own_examples)
-    facts = method.describe(model)
+    facts = method.describe(model) if resumed is None else None  # a resumed run's summary has them
     if facts is not None:
         recorder.extra["compression"] = facts
         log_compression(facts)
@@ -165,18 +200,28 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder) -> Result:
     log.info("%s: %d clients, %d per round, %d rounds", method.name, cfg.num_clients, cfg.clients_per_round,
              cfg.num_rounds)
 
-    if method.initialises:  # before the initial model is evaluated: it is the initialised one
-        ledger.start_round()  # its bytes count in the totals (cum_bytes_*) from round 1 on
-        got = strategy.aggregate_init(grid.send_and_receive(strategy.configure_init(), timeout=timeout))
-        recorder.extra["initialisation"] = {"clients": got, "bytes_up": ledger.up, "bytes_down": ledger.down}
-        log.info("%s initialised from %d clients' data: %s up", method.name, got, human_bytes(ledger.up))
-    arrays = result.arrays = strategy.global_arrays()
-    initial = result.evaluate_metrics_serverapp[0] = evaluate_global(0, arrays)
-    recorder.record_initial(initial["accuracy"], initial["loss"])
-    log.info("round 0/%d | acc %.4f | loss %.4f (initial model)", cfg.num_rounds, initial["accuracy"], initial["loss"])
-    for rnd in range(1, cfg.num_rounds + 1):
+    if resumed is not None:
+        first = resumed.round + 1
+        method.load(model, resumed.arrays, resumed.round, required=method.global_keys(model))
+        arrays = result.arrays = strategy.global_arrays()
+        log.info("resumed after round %d of %d from %s", resumed.round, cfg.num_rounds, recorder.dir / CHECKPOINT_DIR)
+    else:
+        first = 1
+        if method.initialises:  # before the initial model is evaluated: it is the initialised one
+            ledger.start_round()  # its bytes count in the totals (cum_bytes_*) from round 1 on
+            got = strategy.aggregate_init(grid.send_and_receive(strategy.configure_init(), timeout=timeout))
+            recorder.extra["initialisation"] = {"clients": got, "bytes_up": ledger.up, "bytes_down": ledger.down}
+            log.info("%s initialised from %d clients' data: %s up", method.name, got, human_bytes(ledger.up))
+        arrays = result.arrays = strategy.global_arrays()
+        initial = result.evaluate_metrics_serverapp[0] = evaluate_global(0, arrays)
+        recorder.record_initial(initial["accuracy"], initial["loss"])
+        log.info("round 0/%d | acc %.4f | loss %.4f (initial model)", cfg.num_rounds, initial["accuracy"],
+                 initial["loss"])
+    for rnd in range(first, cfg.num_rounds + 1):
         ledger.start_round()
         started = time.time()
+        if resumed is not None and rnd == first:  # what it sends counts in this round's bytes
+            start_afresh(cfg, method, model, strategy, grid, resumed.round, recorder)
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
         arrays, train = strategy.aggregate_train(rnd, replies)
         if method.broadcasts and rnd < cfg.num_rounds:  # after the last round there is no next one to prepare
@@ -208,6 +253,9 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder) -> Result:
             "cum_bytes_down": ledger.total_down,
             "round_seconds": round(time.time() - started, 3),
         } | row)
+        if checkpointer is not None:  # built only when written
+            checkpointer.after_round(rnd, lambda rnd=rnd, arrays=arrays: recorder.checkpoint(rnd, arrays),
+                                     time.time() - started, last=rnd == cfg.num_rounds)
     if cfg.adapter is not None:  # the fine-tuned global model (as last evaluated), loadable without fedlora
         out = export_adapted(evaluate_global.model, recorder.dir / "adapter", cfg,
                              DATASETS[cfg.dataset.name].num_classes, derive_seed(cfg.seed, "model-init"))
@@ -217,24 +265,44 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder) -> Result:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    server_finished.clear()
+    try:
+        _main(grid, context)
+    finally:
+        server_finished.set()
+
+
+def _main(grid: Grid, context: Context) -> None:
     setup_logging()
+    if threading.current_thread() is threading.main_thread():  # under flwr run: SIGTERM stops as Ctrl-C does
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         cfg = config_from_run_config(context.run_config)
+        resumed = read_checkpoint(cfg.resume) if cfg.resume is not None else None
         preflight(cfg)
     except FedloraError as e:  # a user's mistake in the run config: say it plainly in the run's log
         log.error("fedlora: error: %s", e)
         raise
     setup_logging(cfg.verbose)
-    run_dir = run_dir_of(context)
+    run_dir = Path(cfg.resume) if cfg.resume is not None else run_dir_of(context)
     recorder = RunRecorder(run_dir, cfg, Ledger())
+    if resumed is not None:
+        recorder.resume_from(resumed)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.every, written=resumed.round if resumed is not None else 0)
     log.info("records in %s", run_dir)
     try:
-        run(MeteredGrid(grid, recorder.ledger, stop_requested), cfg, recorder)
+        run(MeteredGrid(grid, recorder.ledger, stop_requested), cfg, recorder, checkpointer, resumed)
     except BaseException as e:
         status = "interrupted" if isinstance(e, (KeyboardInterrupt, RunInterrupted)) else "failed"
+        try:
+            checkpointer.flush()  # the last completed round, if its checkpoint was not due yet
+        except OSError as write_error:  # the disk: say so, and keep the run's own error
+            log.error("could not write the checkpoint of round %d: %s", checkpointer.pending_round, write_error)
         recorder.close(status, f"{type(e).__name__}: {e}")
         if isinstance(e, FedloraError) and status == "failed":
             log.error("fedlora: error: %s", e)
+        if checkpointer.written:
+            log.info("resumable: fedlora-sim resume=%s (after round %d)", run_dir, checkpointer.written)
         raise
     summary = recorder.close("completed")
     log.info("done: final accuracy %.4f, best %.4f; records in %s", summary["final_accuracy"],

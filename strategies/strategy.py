@@ -25,7 +25,7 @@ from fedlora.aggregate import Update
 from fedlora.errors import FedloraError
 from fedlora.methods import Method
 from fedlora.parametrizations.adapters import at_rank
-from fedlora.protocol import APPLY_UPDATE, CONFIG, INIT_UPDATE, NO_CONFIG, NO_FIXED, PARTITION, RANK, ROUND, SEED
+from fedlora.protocol import APPLY_UPDATE, CONFIG, FULL, INIT_UPDATE, NO_CONFIG, NO_FIXED, PARTITION, RANK, ROUND, SEED
 from fedlora.seeds import derive_seed
 from fedlora.state import load_arrays, state_tensors
 from strategies.validation import ReplyRejected, Spec, TrainReply, node_of_reply, parse_train_reply, tensor_spec
@@ -191,19 +191,25 @@ class MethodStrategy(Strategy):
         return len(valid)
 
     # --- the broadcast of a method whose clients keep replicas ----------------------------------
-    def configure_broadcast(self, server_round: int) -> list[Message]:
+    def configure_broadcast(self, server_round: int, full: bool = False) -> list[Message]:
         """After `server_round` (but the last), every client's message with the round's change, as the
         method's `broadcast` gives it (by default the arrays that clients send up, as aggregated, or as
-        the round started without a valid reply)."""
+        the round started without a valid reply). `full`: the whole global state instead, from which a
+        client builds its replica afresh (a resumed run's nodes hold none)."""
         if not self.method.broadcasts:
             return []
-        update = self.method.broadcast(self.model, server_round)
+        if full:
+            update = state_tensors(self.model, self.method.global_keys(self.model))
+        else:
+            update = self.method.broadcast(self.model, server_round)
         self.sent = []
         for pid, node in sorted(self.node_of_partition.items()):
-            config = ConfigRecord({ROUND: server_round})
-            if self.rank_of_partition.get(pid) is not None:  # its replica is at its own rank
-                config[RANK] = self.rank_of_partition[pid]
-            self.sent.append(Message(RecordDict({"arrays": ArrayRecord(dict(update)), "config": config}),
+            config = ConfigRecord({ROUND: server_round, FULL: full})
+            rank = self.rank_of_partition.get(pid)
+            if rank is not None:  # its replica is at its own rank
+                config[RANK] = rank
+            sent = at_rank(update, rank) if full and rank is not None else update
+            self.sent.append(Message(RecordDict({"arrays": ArrayRecord(dict(sent)), "config": config}),
                                      dst_node_id=node, message_type=f"{MessageType.TRAIN}.{APPLY_UPDATE}",
                                      group_id=f"{server_round}-update"))
         return self.sent
