@@ -262,6 +262,22 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
+def _model_location(given: str) -> str:
+    """model.hf: a local folder, made absolute (it must exist), or a Hub id such as org/name."""
+    import os
+
+    from fedlora.paths import absolute
+
+    expanded = os.path.expanduser(given)
+    if not (os.path.isabs(expanded) or given.startswith((".", "~")) or os.path.exists(expanded)):
+        return given  # a Hub id
+    path = absolute(given, "model.hf", must_exist=True)
+    if not os.path.isdir(path):
+        raise ConfigError(f"model.hf={given} does not exist as a folder: give the folder of a saved Hugging Face model "
+                          "(what save_pretrained writes), or a Hub id such as org/name, which needs internet")
+    return path
+
+
 def resolve(cfg: DictConfig) -> DictConfig:
     """A plain, validated copy of a composed config, with the choices left to fedlora filled in: the
     model for "auto" and the data root from FEDLORA_DATA."""
@@ -283,6 +299,10 @@ def resolve(cfg: DictConfig) -> DictConfig:
     for key, value in PRETRAINED.get(cfg.model.name, {}).items():
         if cfg.model[key] is None:
             cfg.model[key] = value
+    if cfg.model.hf is not None:
+        cfg.model.hf = _model_location(str(cfg.model.hf))
+        if cfg.model.max_length is None and DATASETS.get(cfg.dataset.name) and DATASETS[cfg.dataset.name].text:
+            cfg.model.max_length = PRETRAINED["minilm"]["max_length"]  # a text model of one's own: MiniLM's default
     exists = not cfg.data.download  # a download creates the root
     if cfg.data.root is not None:
         cfg.data.root = absolute(cfg.data.root, "data.root", must_exist=exists)

@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -67,12 +68,21 @@ def _existing(path: Path) -> Optional[Path]:
     return None
 
 
+def _damaged(path: Path, why: str) -> DataError:
+    return DataError(f"{path} is damaged ({why}): download it again (Fashion-MNIST's files are at "
+                     "https://github.com/zalandoresearch/fashion-mnist), or move it away and let torchvision fetch "
+                     "the data set with data.download=true")
+
+
 def _read_maybe_gz(path: Path) -> bytes:
     found = _existing(path)
     if found is None:
         raise FileNotFoundError(path)
-    with (gzip.open if found.suffix == ".gz" else open)(found, "rb") as f:
-        return f.read()
+    try:
+        with (gzip.open if found.suffix == ".gz" else open)(found, "rb") as f:
+            return f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # cut short, or not gzip data at all
+        raise _damaged(found, f"{type(e).__name__}: {e}") from e
 
 
 def _idx_dir(root: Path) -> Optional[Path]:
@@ -82,10 +92,19 @@ def _idx_dir(root: Path) -> Optional[Path]:
     return None
 
 
+def _idx_payload(path: Path, header: int, item: int) -> np.ndarray:
+    """An IDX file's items as uint8, after checking that it holds as many bytes as its header says."""
+    data = _read_maybe_gz(path)
+    count = int.from_bytes(data[4:8], "big") if len(data) >= 8 else -1
+    if count < 0 or len(data) != header + count * item:
+        raise _damaged(_existing(path), f"{len(data)} bytes where its header promises {header + max(count, 0) * item}")
+    return np.frombuffer(data, np.uint8, offset=header)
+
+
 def _load_idx(d: Path, split: str) -> Split:
     img_name, lbl_name = _FMNIST_FILES[split]
-    images = np.frombuffer(_read_maybe_gz(d / img_name), np.uint8, offset=16).reshape(-1, 1, 28, 28)
-    labels = np.frombuffer(_read_maybe_gz(d / lbl_name), np.uint8, offset=8).astype(np.int64)
+    images = _idx_payload(d / img_name, 16, 28 * 28).reshape(-1, 1, 28, 28)
+    labels = _idx_payload(d / lbl_name, 8, 1).astype(np.int64)
     return Split(images.copy(), labels)
 
 

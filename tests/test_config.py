@@ -213,3 +213,13 @@ def test_a_node_that_lost_the_runs_config_says_so_and_keeps_it_when_sent_again()
     cfg = resolved("num_clients=7")
     assert _run_of(context, ConfigRecord({"round": 3, CONFIG: to_json(cfg)})).cfg == cfg
     assert _run_of(context, ConfigRecord({"round": 4})).cfg == cfg  # kept in the node state
+
+
+def test_a_model_folder_of_ones_own_must_exist_and_gets_a_text_length(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="model.hf=/nonexistent does not exist as a folder.*or a Hub id"):
+        resolved("dataset=agnews", "method=fedit", "model.hf=/nonexistent")
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = resolved("dataset=agnews", "method=fedit", "model.hf=./mine")
+    assert cfg.model.hf == str(tmp_path / "mine") and cfg.model.max_length == 128  # absolute; MiniLM's length
+    assert resolved("dataset=agnews", "method=fedit", "model.hf=org/name").model.hf == "org/name"  # a Hub id

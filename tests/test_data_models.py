@@ -42,6 +42,25 @@ def test_missing_dataset_says_where(tmp_path):
         load_split("cifar10", str(tmp_path), "train")
 
 
+def test_a_damaged_fashion_mnist_file_is_named_with_how_to_get_a_good_copy(tmp_path):
+    import gzip
+    import shutil
+
+    src = Path(ROOT) / "fashion-mnist"
+    for cut in ("gzip", "idx"):  # a .gz cut short; an uncompressed IDX file shorter than its header says
+        root = tmp_path / cut / "fashion-mnist"
+        root.mkdir(parents=True)
+        for name in ("t10k-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz", "train-images-idx3-ubyte.gz"):
+            shutil.copy(src / name, root / name)
+        images = gzip.decompress((src / "t10k-images-idx3-ubyte.gz").read_bytes())
+        if cut == "gzip":
+            (root / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(images)[:100_000])
+        else:
+            (root / "t10k-images-idx3-ubyte").write_bytes(images[:-784])
+        with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte(\.gz)? is damaged .*download it again"):
+            load_split("fmnist", str(tmp_path / cut), "test", cache_dir=str(tmp_path / "cache"))
+
+
 def test_a_client_process_reads_its_data_once():
     from fedlora.config import compose, resolve
     from fedlora.federated_data import client_tensors
