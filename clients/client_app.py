@@ -30,6 +30,7 @@ What a node holds itself is its node config:
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -44,7 +45,8 @@ from fedlora.data import has_dataset
 from fedlora.federated_data import client_tensors, local_tensors, split_for_clients, train_count
 from fedlora.methods import Method, make_method
 from fedlora.paths import absolute
-from fedlora.protocol import APPLY_UPDATE, CONFIG, FULL, INIT_UPDATE, NO_CONFIG, NO_FIXED, PARTITION, RANK, ROUND, SEED
+from fedlora.protocol import (APPLY_UPDATE, CONFIG, FAIL, FAULT, FULL, INIT_UPDATE, NO_CONFIG, NO_FIXED, PARTITION, RANK,
+                              ROUND, SEED, STRAGGLE)
 from fedlora.state import load_arrays, state_tensors
 from fedlora.training import evaluate, train_local
 
@@ -215,6 +217,10 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     run = _run_of(context, config)
     server_round, pid = int(config[ROUND]), _asked_partition(config, context)
+    if config.get(FAULT) == FAIL:
+        raise RuntimeError(f"failed on purpose (simulation.faults.fail_rate={run.cfg.simulation.faults.fail_rate})")
+    if config.get(FAULT) == STRAGGLE:  # then trains and replies, after the server stopped waiting
+        time.sleep(run.cfg.simulation.round_timeout + 1)
     if "num-threads" in context.node_config:
         torch.set_num_threads(int(context.node_config["num-threads"]))
     x, y = _partition_data(run, context, pid)

@@ -74,12 +74,19 @@ class ClientResources:
 
 
 @dataclass
+class FaultsConfig:  # devices that drop, on purpose: seeded fractions of each round's sampled clients
+    fail_rate: float = 0.0  # raise instead of training
+    straggle_rate: float = 0.0  # reply only after simulation.round_timeout, when the server has stopped waiting
+
+
+@dataclass
 class SimulationConfig:
     backend: str = MISSING  # ray
     client_resources: ClientResources = field(default_factory=ClientResources)
     ray_address: Optional[str] = None  # a running Ray cluster ("host:port" or "auto"); null: a new local one
     ray_num_cpus: Optional[int] = None  # CPUs of a new local Ray instance; null: all
     round_timeout: float = MISSING  # seconds the server waits for a round's replies
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 @dataclass
@@ -114,6 +121,8 @@ class Config:
     num_clients: int = MISSING
     clients_per_round: int = MISSING
     num_rounds: int = MISSING
+    min_replies: int = 1  # valid replies a round needs to be aggregated
+    too_few: str = "keep"  # below min_replies: keep the global model, or retry with newly sampled clients
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: Optional[str] = None  # a run directory: go on from its last checkpoint (fedlora.checkpoint)
     verbose: bool = False  # Flower's and Ray's own logs as well as fedlora's round lines
@@ -251,6 +260,15 @@ def validate(cfg: DictConfig) -> None:
                           'pip install "fedlora[tensorboard]", or leave tensorboard=auto')
     if cfg.simulation.backend != "ray":
         raise ConfigError(f"unknown simulation.backend '{cfg.simulation.backend}'; choose one of: ray")
+    if not 1 <= cfg.min_replies <= cfg.clients_per_round:
+        raise ConfigError(f"min_replies must be between 1 and clients_per_round={cfg.clients_per_round} "
+                          f"(got {cfg.min_replies})")
+    if cfg.too_few not in ("keep", "retry"):
+        raise ConfigError(f"too_few must be keep or retry (got {cfg.too_few})")
+    rates = cfg.simulation.faults
+    if not (0 <= rates.fail_rate <= 1 and 0 <= rates.straggle_rate <= 1 and rates.fail_rate + rates.straggle_rate <= 1):
+        raise ConfigError("simulation.faults.fail_rate and straggle_rate must be in [0, 1], together at most 1 "
+                          f"(got {rates.fail_rate} and {rates.straggle_rate})")
     every = cfg.checkpoint.every
     if every != "auto" and not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
         raise ConfigError(f"checkpoint.every must be auto or a number of rounds >= 0 (0: none; got {every})")

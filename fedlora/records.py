@@ -101,6 +101,9 @@ class RunRecorder:
             row["num_clients"], human_bytes(row["bytes_up"]), human_bytes(row["bytes_down"]),
             human_bytes(row["cum_bytes_up"]), row["round_seconds"],
         )
+        if row.get("failed") or row.get("timed_out"):
+            log.info("round %d/%d | %d clients failed, %d did not answer in time", row["round"], self.cfg.num_rounds,
+                     row["failed"], row["timed_out"])
         if "client_accuracy_mean" in row:
             log.info("round %d/%d | clients' own held-out data: acc mean %.4f | worst %.4f | spread %.4f | %d clients",
                      row["round"], self.cfg.num_rounds, row["client_accuracy_mean"], row["client_accuracy_worst"],

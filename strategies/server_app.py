@@ -184,7 +184,8 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
     method = make_method(cfg)
     model = method.initial_model()  # the server's copy of the global model
     train_split, _, parts = federated_data(cfg)
-    node_of_partition, own_examples, node_ranks = discover_partitions(grid, cfg, cfg.simulation.round_timeout)
+    # the nodes answer once they are up: under a short round_timeout too, give them time to start
+    node_of_partition, own_examples, node_ranks = discover_partitions(grid, cfg, max(cfg.simulation.round_timeout, 120))
     recorder.write_partitions(class_histogram(train_split.labels, parts, DATASETS[cfg.dataset.name].num_classes),
                               own_examples)
     facts = method.describe(model) if resumed is None else None  # a resumed run's summary has them
@@ -194,7 +195,9 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
     strategy = MethodStrategy(method, model, node_of_partition, cfg.clients_per_round, cfg.seed,
                               examples_of_partition={i: train_count(cfg, i, len(p)) for i, p in enumerate(parts)}
                               | own_examples, config_json=to_json(cfg), node_ranks=node_ranks,
-                              evaluate_clients=cfg.eval.clients)
+                              evaluate_clients=cfg.eval.clients, min_replies=cfg.min_replies,
+                              faults=dict(cfg.simulation.faults))
+    strategy.clients = {int(pid): counts for pid, counts in recorder.extra.get("client_replies", {}).items()}
     evaluate_global = GlobalEvaluation(cfg, method)
     timeout, ledger, result = cfg.simulation.round_timeout, grid.ledger, Result()
     log.info("%s: %d clients, %d per round, %d rounds", method.name, cfg.num_clients, cfg.clients_per_round,
@@ -222,8 +225,17 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
         started = time.time()
         if resumed is not None and rnd == first:  # what it sends counts in this round's bytes
             start_afresh(cfg, method, model, strategy, grid, resumed.round, recorder)
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
-        arrays, train = strategy.aggregate_train(rnd, replies)
+        valid = strategy.accept(rnd, grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
+                                                           timeout=timeout))
+        if valid < cfg.min_replies and cfg.too_few == "retry":
+            retry = strategy.configure_retry(rnd)
+            log.warning("round %d: %d valid replies, fewer than min_replies=%d: asking %d more clients", rnd, valid,
+                        cfg.min_replies, len(retry))
+            strategy.accept(rnd, grid.send_and_receive(retry, timeout=timeout))
+        arrays, train = strategy.finish_train(rnd)
+        recorder.extra["client_replies"] = {str(pid): c for pid, c in sorted(strategy.clients.items()) if pid >= 0}
+        if strategy.never_accepted():
+            recorder.extra["clients_never_accepted"] = sorted(strategy.never_accepted())
         if method.broadcasts and rnd < cfg.num_rounds:  # after the last round there is no next one to prepare
             strategy.aggregate_broadcast(rnd, grid.send_and_receive(strategy.configure_broadcast(rnd), timeout=timeout))
         scores = evaluate_global(rnd, arrays)
@@ -247,6 +259,8 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
             "train_loss": train["train_loss"],
             "num_clients": train["num-clients"],
             "rejected": train["rejected"],
+            "failed": train["failed"],
+            "timed_out": train["timed-out"],
             "bytes_up": ledger.up,
             "bytes_down": ledger.down,
             "cum_bytes_up": ledger.total_up,

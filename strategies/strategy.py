@@ -25,7 +25,8 @@ from fedlora.aggregate import Update
 from fedlora.errors import FedloraError
 from fedlora.methods import Method
 from fedlora.parametrizations.adapters import at_rank
-from fedlora.protocol import APPLY_UPDATE, CONFIG, FULL, INIT_UPDATE, NO_CONFIG, NO_FIXED, PARTITION, RANK, ROUND, SEED
+from fedlora.protocol import (APPLY_UPDATE, CONFIG, FAIL, FAULT, FULL, INIT_UPDATE, NO_CONFIG, NO_FIXED, PARTITION, RANK,
+                              ROUND, SEED, STRAGGLE)
 from fedlora.seeds import derive_seed
 from fedlora.state import load_arrays, state_tensors
 from strategies.validation import ReplyRejected, Spec, TrainReply, node_of_reply, parse_train_reply, tensor_spec
@@ -46,7 +47,8 @@ class MethodStrategy(Strategy):
 
     def __init__(self, method: Method, model: nn.Module, node_of_partition: dict[int, int], clients_per_round: int,
                  seed: int, examples_of_partition: dict[int, int] | None = None, config_json: str = "",
-                 node_ranks: dict[int, int] | None = None, evaluate_clients: bool = False):
+                 node_ranks: dict[int, int] | None = None, evaluate_clients: bool = False, min_replies: int = 1,
+                 faults: dict | None = None):
         self.method, self.model = method, model
         self.node_of_partition = node_of_partition
         self.clients_per_round, self.seed = clients_per_round, seed
@@ -61,8 +63,16 @@ class MethodStrategy(Strategy):
         self.expected: Spec = {}  # this round's reply arrays at the global model's shapes: key -> (shape, dtype)
         self.expected_of: dict[int, Spec] = {}  # each sampled client's, at its own rank
         self.holding: set[int] = set()  # the clients that hold the method's fixed state (they trained with it)
-        self.sampled: list[int] = []  # this round's partition ids
+        self.sampled: list[int] = []  # this round's partition ids (a retry's too)
         self.sent: list[Message] = []  # this round's messages
+        # this round's valid replies by partition, error reasons, rejected count, and who replied
+        self.accepted: dict[int, TrainReply] = {}
+        self.errors: list[str] = []
+        self.rejected, self.replied = 0, set()
+        self.min_replies = min_replies
+        self.fail_rate, self.straggle_rate = (faults or {}).get("fail_rate", 0.0), (faults or {}).get("straggle_rate", 0.0)
+        # every client's counts over the run: accepted, rejected, failed, timed out (and the last reason)
+        self.clients: dict[int, dict] = {}
 
     def global_arrays(self) -> ArrayRecord:
         return ArrayRecord(state_tensors(self.model, self.method.global_keys(self.model)))
@@ -77,11 +87,25 @@ class MethodStrategy(Strategy):
         self.method.start_round(self.model, server_round)
         up = state_tensors(self.model, self.method.up_keys(self.model, server_round))
         self.expected = tensor_spec(up)
-        down = state_tensors(self.model, self.method.down_keys(self.model, server_round))
+        self._round = (up, state_tensors(self.model, self.method.down_keys(self.model, server_round)))
+        self.sampled, self.sent, self.expected_of = [], [], {}
+        self.accepted, self.errors, self.rejected, self.replied = {}, [], 0, set()
+        return self._train_messages(server_round, self.sample(server_round), "")
+
+    def configure_retry(self, server_round: int) -> list[Message]:
+        """Messages to `clients_per_round` more clients of `server_round`, drawn from its seed among
+        those not asked yet (none are left: no message), for a round with too few valid replies."""
+        untried = sorted(set(self.node_of_partition) - set(self.sampled))
+        rng = random.Random(derive_seed(self.seed, "sample", server_round, "retry"))
+        return self._train_messages(server_round, sorted(rng.sample(untried, min(self.clients_per_round, len(untried)))),
+                                    "retry")
+
+    def _train_messages(self, server_round: int, pids: list[int], attempt: str) -> list[Message]:
+        up, down = self._round
         fixed = set(self.method.fixed_keys(self.model))
-        self.sampled = self.sample(server_round)
-        self.sent, self.expected_of = [], {}
-        for pid in self.sampled:
+        faults = self._faults(server_round, pids, attempt)
+        messages = []
+        for pid in pids:
             # each client its own RecordDict, so that a per-client payload never leaks into another's message
             seed = derive_seed(self.seed, "train", server_round, pid)
             config = ConfigRecord({ROUND: server_round, PARTITION: pid, SEED: seed})
@@ -92,28 +116,39 @@ class MethodStrategy(Strategy):
             self.expected_of[pid] = self.expected if rank is None else tensor_spec(at_rank(up, rank))
             if rank is not None:
                 config[RANK] = rank
+            if pid in faults:
+                config[FAULT] = faults[pid]
             if pid in self.lost_config and self.config_json:
                 config[CONFIG] = self.config_json
                 self.lost_config.discard(pid)
             content = RecordDict({"arrays": ArrayRecord(dict(sent)), "config": config})
-            self.sent.append(Message(content, dst_node_id=self.node_of_partition[pid], message_type=MessageType.TRAIN,
-                                     group_id=str(server_round)))
-        return self.sent
+            messages.append(Message(content, dst_node_id=self.node_of_partition[pid], message_type=MessageType.TRAIN,
+                                    group_id=str(server_round)))
+        self.sampled += pids
+        self.sent += messages
+        return messages
+
+    def _faults(self, server_round: int, pids: list[int], attempt: str) -> dict[int, str]:
+        """The clients told to fail or to straggle (simulation.faults): a seeded choice of the given
+        fractions of them, rounded."""
+        fail, straggle = (round(rate * len(pids)) for rate in (self.fail_rate, self.straggle_rate))
+        if not fail + straggle:
+            return {}
+        chosen = random.Random(derive_seed(self.seed, "faults", server_round, attempt)).sample(pids, fail + straggle)
+        return {pid: FAIL if i < fail else STRAGGLE for i, pid in enumerate(chosen)}
 
     # --- replies ----------------------------------------------------------------------------------
-    def accept(self, server_round: int, replies: Iterable[Message]) -> tuple[list[tuple[int, TrainReply]], int]:
-        """The valid replies as (partition id, reply), sorted by partition, and how many were rejected
-        (each logged with why). Raises FedloraError when every client of the round failed outright (an
-        error, not a bad reply): the same failure would repeat every round."""
+    def accept(self, server_round: int, replies: Iterable[Message]) -> int:
+        """Check replies of `server_round` and keep the valid ones for `finish_train`; every other is
+        rejected, logged with why. Returns how many valid replies the round has so far."""
         partition_of_node = {n: p for p, n in self.node_of_partition.items()}
-        accepted: dict[int, TrainReply] = {}
-        rejected, errors = 0, []
         has_fixed = bool(self.method.fixed_keys(self.model))
         for msg in replies:
             pid = partition_of_node.get(node_of_reply(msg, self.sent), -1)
             try:
                 if msg.has_error():
-                    errors.append(msg.error.reason)
+                    self.errors.append(msg.error.reason)
+                    self._count(pid, "failed", msg.error.reason)
                     if NO_CONFIG in msg.error.reason:
                         self.lost_config.add(pid)
                     if NO_CONFIG in msg.error.reason or NO_FIXED in msg.error.reason:
@@ -121,39 +156,68 @@ class MethodStrategy(Strategy):
                     raise ReplyRejected(f"the client failed: {msg.error.reason}")
                 if pid not in self.sampled:
                     raise ReplyRejected("not sampled this round")
-                if pid in accepted:
+                if pid in self.accepted:
                     raise ReplyRejected("a second reply in this round")
                 reply = parse_train_reply(msg.content, self.expected_of[pid])
                 expected = self.examples_of_partition.get(pid, reply.num_examples)
                 if reply.num_examples != expected:
                     raise ReplyRejected(f"claims {reply.num_examples} examples, its partition has {expected}")
-                accepted[pid] = reply
+                self.accepted[pid] = reply
+                self._count(pid, "accepted")
                 if has_fixed:
                     self.holding.add(pid)  # it trained: it holds the fixed state it was sent
             except ReplyRejected as e:
                 log.warning("round %d: rejected the reply of client %d: %s", server_round, pid, e)
-                rejected += 1
-        if errors and not accepted and len(errors) == rejected:
-            raise FedloraError(f"round {server_round}: every client failed; the first said: {errors[0]}")
-        return sorted(accepted.items()), rejected
+                self.rejected += 1
+                if not msg.has_error():
+                    self._count(pid, "rejected", str(e))
+            finally:
+                self.replied.add(pid)
+        return len(self.accepted)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The global state after the method combined the valid replies (the round's starting state
-        when none was valid), and the round's figures: clients aggregated and rejected, examples, and
-        the example-weighted training loss (NaN without a valid reply)."""
-        accepted, rejected = self.accept(server_round, replies)
-        metrics = MetricRecord({"num-clients": len(accepted), "rejected": rejected, "num-examples": 0,
-                                "train_loss": float("nan")})
-        if accepted:
-            valid = [r for _, r in accepted]
+    def _count(self, pid: int, what: str, reason: str = "") -> None:
+        counts = self.clients.setdefault(pid, {"accepted": 0, "rejected": 0, "failed": 0, "timed_out": 0})
+        counts[what] += 1
+        if reason:
+            counts["last"] = reason[:300]
+
+    def finish_train(self, server_round: int) -> tuple[ArrayRecord, MetricRecord]:
+        """The global state after the method combined the round's valid replies (the round's starting
+        state when there were fewer than `min_replies`), and the round's figures: clients aggregated,
+        replies rejected (failed ones among them), clients that failed, and that did not answer in
+        time, examples, and the example-weighted training loss (NaN when nothing was aggregated).
+        Raises FedloraError when every client of the round failed outright (an error, not a bad
+        reply): the same failure would repeat every round."""
+        timed_out = [pid for pid in self.sampled if pid not in self.replied]
+        for pid in timed_out:
+            self._count(pid, "timed_out")
+        if self.errors and not self.accepted and len(self.errors) == self.rejected and not timed_out:
+            raise FedloraError(f"round {server_round}: every client failed; the first said: {self.errors[0]}")
+        metrics = MetricRecord({"num-clients": 0, "rejected": self.rejected, "failed": len(self.errors),
+                                "timed-out": len(timed_out), "num-examples": 0, "train_loss": float("nan")})
+        valid = [r for _, r in sorted(self.accepted.items())]
+        if len(valid) >= max(1, self.min_replies):
             self.method.aggregate(self.model, [Update(r.arrays, r.num_examples) for r in valid])
             total = sum(r.num_examples for r in valid)
-            metrics["num-examples"] = total
+            metrics["num-clients"], metrics["num-examples"] = len(valid), total
             metrics["train_loss"] = sum(r.train_loss * r.num_examples for r in valid) / total
+        elif valid:
+            log.warning("round %d: %d valid replies, fewer than min_replies=%d; the global model stays as it was",
+                        server_round, len(valid), self.min_replies)
         else:
             log.warning("round %d: no valid reply; the global model stays as it was", server_round)
         return self.global_arrays(), metrics
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """`accept` the replies, then `finish_train`: the round in one call."""
+        self.accept(server_round, replies)
+        return self.finish_train(server_round)
+
+    def never_accepted(self) -> dict[int, dict]:
+        """The clients that answered and were never once aggregated, with their counts and last reason."""
+        return {pid: c for pid, c in sorted(self.clients.items())
+                if not c["accepted"] and (c["rejected"] or c["failed"]) and pid >= 0}
 
     # --- the initialisation of a method that starts from the clients' data (Fed-SB) ------------------
     def configure_init(self) -> list[Message]:

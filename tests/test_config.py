@@ -120,7 +120,7 @@ TEXT = ["dataset=agnews", "model=minilm", "adapter=lora", "method=fedit", "model
                                             "model.bert.encoder.layer.0"]),
     (TEXT + ["adapter.r=1000"], ["adapter.r=1000 must be between 1"]),
     (TEXT + ["adapter.train=[head]"], ["adapter.train ['head'] names no module"]),
-    (TEXT + ["model.hf=/nonexistent/model"], ["cannot load model '/nonexistent/model'"]),
+    (TEXT + ["model.hf=org/not-on-this-machine"], ["cannot load model 'org/not-on-this-machine'", "offline"]),
 ])
 def test_what_needs_a_model_is_checked_before_ray(overrides, words, tmp_path):
     """A config that composes and validates, but whose model the method cannot be applied to: the

@@ -24,7 +24,7 @@ import pytest
 from conftest import PRESETS, metrics_rows
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics.json"
-EXACT = ("round", "num_clients", "rejected", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down")
+EXACT = ("round", "num_clients", "rejected", "failed", "timed_out", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down")
 MEASURED = ("test_accuracy", "test_loss", "train_loss")
 CLIENTS = ("client_accuracy_mean", "client_accuracy_worst", "client_accuracy_std", "client_loss_mean")  # eval.clients
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from reference_fedavg import reference_fedavg  # noqa: E402
 
 CLI = str(Path(sys.executable).with_name("fedlora-sim"))
-KEYS = {"round", "test_accuracy", "test_loss", "train_loss", "num_clients", "rejected", "bytes_up",
+KEYS = {"round", "test_accuracy", "test_loss", "train_loss", "num_clients", "rejected", "failed", "timed_out", "bytes_up",
         "bytes_down", "cum_bytes_up", "cum_bytes_down", "round_seconds"}
 
 
@@ -88,6 +88,26 @@ def test_diverging_clients_are_rejected_and_the_model_kept(ray_address, tmp_path
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert row["test_accuracy"] == summary["initial_accuracy"]  # global model unchanged
+    from strategies.strategy import sample
+
+    assert summary["clients_never_accepted"] == sample(range(cfg.num_clients), cfg.clients_per_round, cfg.seed, 1)
+    assert all("non-finite" in summary["client_replies"][str(p)]["last"] for p in summary["clients_never_accepted"])
+
+
+def test_a_run_with_30_percent_of_its_clients_failing_completes_every_round(ray_address, tmp_path):
+    """simulation.faults: each round 3 of the 10 sampled clients raise and 1 replies after the round's
+    timeout; the other 6 are aggregated, and metrics.jsonl counts each kind."""
+    cfg = resolve(compose(SMALL + ["num_clients=10", "clients_per_round=10", "simulation.faults.fail_rate=0.3",
+                                   "simulation.faults.straggle_rate=0.1", "simulation.round_timeout=30",
+                                   f"simulation.ray_address={ray_address}"]))
+    run_simulation(cfg, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    for row in rows(tmp_path):
+        assert (row["num_clients"], row["failed"], row["rejected"], row["timed_out"]) == (6, 3, 3, 1)
+        assert row["train_loss"] > 0
+    assert rows(tmp_path)[-1]["test_accuracy"] != summary["initial_accuracy"]
+    assert "clients_never_accepted" not in summary or len(summary["clients_never_accepted"]) < 10
 
 
 def test_ctrl_c_keeps_the_completed_rounds(tmp_path):

@@ -225,3 +225,54 @@ def test_a_node_that_lost_the_runs_config_is_sent_it_with_its_next_train_message
             assert (CONFIG in m.content["config"]) == again
             if again:
                 assert m.content["config"][CONFIG] == to_json(cfg)
+
+
+def test_too_few_valid_replies_keep_the_model_and_a_retry_asks_clients_not_asked_yet(cfg, arrays):
+    method, model = built(cfg)
+    strategy = MethodStrategy(method, model, {pid: 100 + pid for pid in range(cfg.num_clients)}, cfg.clients_per_round,
+                              cfg.seed, min_replies=2)
+    values = {k: np.full(a.shape, 1.0, a.dtype) for k, a in ((k, v.numpy()) for k, v in arrays.items())}
+    messages = list(strategy.configure_train(1, arrays, None, None))
+    # one valid reply, one failure, one that never comes
+    assert strategy.accept(1, [reply_to(messages[0], values), Message(Error(code=0, reason="gone"),
+                                                                       reply_to=messages[1])]) == 1
+    first = list(strategy.sampled)
+    retry = strategy.configure_retry(1)
+    asked = sorted(m.content["config"]["partition-id"] for m in retry)
+    assert len(asked) == 3 and not set(asked) & set(first)  # newly sampled: the other three
+    agg, metrics = strategy.finish_train(1)  # the retry's replies did not come either
+    assert all(np.array_equal(agg[k].numpy(), arrays[k].numpy()) for k in arrays)  # kept: 1 < min_replies
+    assert (metrics["num-clients"], metrics["rejected"], metrics["failed"], metrics["timed-out"]) == (0, 1, 1, 4)
+    messages = list(strategy.configure_train(2, arrays, None, None))
+    assert strategy.accept(2, [reply_to(m, values) for m in messages[:2]]) == 2
+    agg, metrics = strategy.finish_train(2)
+    assert metrics["num-clients"] == 2 and all(np.all(agg[k].numpy() == 1.0) for k in values)
+
+
+def test_a_client_whose_replies_are_always_bad_is_named(strategy, arrays):
+    bad = None
+    for server_round in range(1, 6):
+        messages = list(strategy.configure_train(server_round, arrays, None, None))
+        pids = [m.content["config"]["partition-id"] for m in messages]
+        bad = pids[0] if bad is None else bad
+        replies = [reply_to(m, corrupt("nan", arrays) if pid == bad else {k: a.numpy() for k, a in arrays.items()})
+                   for m, pid in zip(messages, pids)]
+        strategy.aggregate_train(server_round, replies)
+    named = strategy.never_accepted()
+    assert list(named) == [bad] and named[bad]["rejected"] >= 1 and "non-finite" in named[bad]["last"]
+
+
+def test_the_clients_told_to_fail_or_straggle_are_seeded_fractions_of_the_round(arrays):
+    cfg = resolve(compose(["num_clients=20", "clients_per_round=10"]))
+    method, model = built(cfg)
+    strategy = MethodStrategy(method, model, {pid: 100 + pid for pid in range(20)}, 10, cfg.seed,
+                              faults={"fail_rate": 0.3, "straggle_rate": 0.1})
+    told = []
+    for server_round in (1, 2):
+        faults = [m.content["config"].get("fault") for m in strategy.configure_train(server_round, arrays, None, None)]
+        assert faults.count("fail") == 3 and faults.count("straggle") == 1 and faults.count(None) == 6
+        told.append(faults)
+    assert told[0] != told[1]  # other clients each round
+    again = MethodStrategy(method, model, {pid: 100 + pid for pid in range(20)}, 10, cfg.seed,
+                           faults={"fail_rate": 0.3, "straggle_rate": 0.1})
+    assert [m.content["config"].get("fault") for m in again.configure_train(1, arrays, None, None)] == told[0]
