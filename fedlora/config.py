@@ -99,6 +99,14 @@ class EvalConfig:
 
 
 @dataclass
+class DPConfig:  # client-side DP-SGD (fedlora.dp); off unless noise_multiplier or epsilon is set
+    noise_multiplier: Optional[float] = None  # σ: the noise's standard deviation relative to max_grad_norm
+    epsilon: Optional[float] = None  # or a target ε: σ such that a client training every round spends at most this
+    max_grad_norm: float = 1.0  # C: each example's gradient is clipped to this norm
+    delta: float = 1e-5
+
+
+@dataclass
 class CheckpointConfig:
     # a checkpoint every N rounds (0: none); auto: every round, spaced out only where writing one
     # would take more than a twentieth of the rounds' time. The last round's is always written.
@@ -123,6 +131,7 @@ class Config:
     num_rounds: int = MISSING
     min_replies: int = 1  # valid replies a round needs to be aggregated
     too_few: str = "keep"  # below min_replies: keep the global model, or retry with newly sampled clients
+    dp: DPConfig = field(default_factory=DPConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: Optional[str] = None  # a run directory: go on from its last checkpoint (fedlora.checkpoint)
     verbose: bool = False  # Flower's and Ray's own logs as well as fedlora's round lines
@@ -269,6 +278,15 @@ def validate(cfg: DictConfig) -> None:
     if not (0 <= rates.fail_rate <= 1 and 0 <= rates.straggle_rate <= 1 and rates.fail_rate + rates.straggle_rate <= 1):
         raise ConfigError("simulation.faults.fail_rate and straggle_rate must be in [0, 1], together at most 1 "
                           f"(got {rates.fail_rate} and {rates.straggle_rate})")
+    dp = cfg.dp
+    if dp.noise_multiplier is not None and dp.epsilon is not None:
+        raise ConfigError("dp.noise_multiplier and dp.epsilon both set: give one (σ, or a target ε that σ is found for)")
+    if dp.noise_multiplier is not None and not dp.noise_multiplier >= 0:
+        raise ConfigError(f"dp.noise_multiplier must be >= 0 (got {dp.noise_multiplier})")
+    if dp.epsilon is not None and not dp.epsilon > 0:
+        raise ConfigError(f"dp.epsilon must be > 0 (got {dp.epsilon})")
+    if not dp.max_grad_norm > 0 or not 0 < dp.delta < 1:
+        raise ConfigError(f"dp.max_grad_norm must be > 0 and dp.delta in (0, 1) (got {dp.max_grad_norm}, {dp.delta})")
     every = cfg.checkpoint.every
     if every != "auto" and not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
         raise ConfigError(f"checkpoint.every must be auto or a number of rounds >= 0 (0: none; got {every})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from fedlora import dp
 from fedlora.data import check_available
 from fedlora.federated_data import federated_data
 from fedlora.methods import make_method
@@ -15,5 +16,7 @@ def preflight(cfg: DictConfig) -> None:
     """Raise a FedloraError (ConfigError or DataError) that says what is wrong; the work done here
     (decoded data, partitions, the pretrained model read) is kept for the run in this process."""
     check_available(cfg.dataset.name, cfg.data.root, cfg.data.download)
-    make_method(cfg).initial_model()
+    model = make_method(cfg).initial_model()
+    if dp.enabled(cfg):
+        dp.check_model(model)
     federated_data(cfg)  # after the model: a text data set is tokenized with the model's tokenizer

@@ -24,10 +24,11 @@ def batch_order(n: int, batch_size: int, epochs: int, seed: int, steps: int | No
 
 
 def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, local, seed: int,
-                device: torch.device | None = None) -> float:
+                device: torch.device | None = None, dp=None) -> float:
     """SGD or AdamW over (x, y) as the `local` config says (`local.epochs` passes, or `local.steps`
     optimiser steps where set); returns the mean training loss. Dropout
-    (in pretrained models) draws from `seed` too, so that a client's round is reproducible."""
+    (in pretrained models) draws from `seed` too, so that a client's round is reproducible. With `dp`
+    (a `fedlora.dp.DPSpec`), DP-SGD: `dp.steps` steps on Poisson samples, clipped and noised."""
     device = device or pick_device()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -39,7 +40,16 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, local, seed:
     total, count = 0.0, 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for idx in batch_order(len(y), local.batch_size, local.epochs, seed, local.get("steps")):
+        if dp is not None:
+            from fedlora.dp import dp_step
+
+            g = torch.Generator().manual_seed(seed)
+            for _ in range(dp.steps):
+                idx = (torch.rand(len(y), generator=g) < dp.sample_rate).nonzero().flatten()
+                total += dp_step(model, x[idx].to(device), y[idx].to(device), dp, g)
+                count += len(idx)
+                opt.step()
+        for idx in batch_order(len(y), local.batch_size, local.epochs, seed, local.get("steps")) if dp is None else ():
             xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)

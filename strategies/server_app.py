@@ -23,6 +23,8 @@ from omegaconf import DictConfig
 from fedlora.checkpoint import CHECKPOINT_DIR, Checkpoint, Checkpointer, read_checkpoint, resumed_config
 from fedlora.config import compose, from_json, resolve, to_json
 from fedlora.data import DATASETS
+from fedlora.dp import PrivacyLedger
+from fedlora.dp import enabled as dp_enabled
 from fedlora.errors import FedloraError, RunInterrupted
 from fedlora.federated_data import federated_data, test_tensors, train_count
 from fedlora.hf import export_adapted
@@ -198,6 +200,7 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
                               evaluate_clients=cfg.eval.clients, min_replies=cfg.min_replies,
                               faults=dict(cfg.simulation.faults))
     strategy.clients = {int(pid): counts for pid, counts in recorder.extra.get("client_replies", {}).items()}
+    privacy = PrivacyLedger(cfg, recorder.extra.setdefault("dp", {})) if dp_enabled(cfg) else None
     evaluate_global = GlobalEvaluation(cfg, method)
     timeout, ledger, result = cfg.simulation.round_timeout, grid.ledger, Result()
     log.info("%s: %d clients, %d per round, %d rounds", method.name, cfg.num_clients, cfg.clients_per_round,
@@ -233,6 +236,9 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
                         cfg.min_replies, len(retry))
             strategy.accept(rnd, grid.send_and_receive(retry, timeout=timeout))
         arrays, train = strategy.finish_train(rnd)
+        dp_figures = {}
+        if privacy is not None:
+            dp_figures["dp_epsilon"] = privacy.trained({p: strategy.examples_of_partition[p] for p in strategy.trained})
         recorder.extra["client_replies"] = {str(pid): c for pid, c in sorted(strategy.clients.items()) if pid >= 0}
         if strategy.never_accepted():
             recorder.extra["clients_never_accepted"] = sorted(strategy.never_accepted())
@@ -266,7 +272,7 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
             "cum_bytes_up": ledger.total_up,
             "cum_bytes_down": ledger.total_down,
             "round_seconds": round(time.time() - started, 3),
-        } | row)
+        } | dp_figures | row)
         if checkpointer is not None:  # built only when written
             checkpointer.after_round(rnd, lambda rnd=rnd, arrays=arrays: recorder.checkpoint(rnd, arrays),
                                      time.time() - started, last=rnd == cfg.num_rounds)

@@ -68,7 +68,7 @@ class MethodStrategy(Strategy):
         # this round's valid replies by partition, error reasons, rejected count, and who replied
         self.accepted: dict[int, TrainReply] = {}
         self.errors: list[str] = []
-        self.rejected, self.replied = 0, set()
+        self.rejected, self.replied, self.trained = 0, set(), set()  # and who trained (answered without an error)
         self.min_replies = min_replies
         self.fail_rate, self.straggle_rate = (faults or {}).get("fail_rate", 0.0), (faults or {}).get("straggle_rate", 0.0)
         # every client's counts over the run: accepted, rejected, failed, timed out (and the last reason)
@@ -89,7 +89,7 @@ class MethodStrategy(Strategy):
         self.expected = tensor_spec(up)
         self._round = (up, state_tensors(self.model, self.method.down_keys(self.model, server_round)))
         self.sampled, self.sent, self.expected_of = [], [], {}
-        self.accepted, self.errors, self.rejected, self.replied = {}, [], 0, set()
+        self.accepted, self.errors, self.rejected, self.replied, self.trained = {}, [], 0, set(), set()
         return self._train_messages(server_round, self.sample(server_round), "")
 
     def configure_retry(self, server_round: int) -> list[Message]:
@@ -156,6 +156,7 @@ class MethodStrategy(Strategy):
                     raise ReplyRejected(f"the client failed: {msg.error.reason}")
                 if pid not in self.sampled:
                     raise ReplyRejected("not sampled this round")
+                self.trained.add(pid)  # it trained (what privacy it spent counts, valid reply or not)
                 if pid in self.accepted:
                     raise ReplyRejected("a second reply in this round")
                 reply = parse_train_reply(msg.content, self.expected_of[pid])
