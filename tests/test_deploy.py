@@ -198,9 +198,10 @@ def test_a_node_with_its_own_data_joins_then_drops_out(federation, tmp_path):
     src = Path(os.environ["FEDLORA_DATA"]) / "fashion-mnist"
     own = tmp_path / "own" / "fashion-mnist"
     own.mkdir(parents=True)
-    n = 300  # the first 300 training images, in the IDX format of the shared copy
+    n = 300  # the first 300 training images, in the IDX format of the shared copy (its header counting 300)
     images = gzip.decompress((src / "train-images-idx3-ubyte.gz").read_bytes())[:16 + n * 784]
     labels = gzip.decompress((src / "train-labels-idx1-ubyte.gz").read_bytes())[:8 + n]
+    images, labels = (data[:4] + n.to_bytes(4, "big") + data[8:] for data in (images, labels))
     (own / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(images))
     (own / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
     out = procs.run("flwr", "supernode", "register", str(federation["keys"]["node-2"][1]), CONNECTION, timeout=60)
