@@ -22,6 +22,7 @@ and where it runs (`MAY_DIFFER`) is refused, naming the keys.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fedlora.errors import ConfigError
+
+log = logging.getLogger("fedlora")
 
 CHECKPOINT_DIR = "checkpoint"
 INDEX = "checkpoint.json"
@@ -192,7 +195,12 @@ class Checkpointer:
         every = self._spacing if self.every == "auto" else int(self.every)
         if every < 1 or not (last or server_round - self.written >= every):
             return
-        took = self.flush()
+        try:
+            took = self.flush()
+        except OSError as e:  # a full disk, say: the run and its records matter more than a checkpoint
+            log.error("could not write the checkpoint of round %d (%s): the run goes on, and a resume would start "
+                      "after round %d", server_round, e, self.written)
+            return
         if self.every == "auto" and round_seconds > 0:  # writing costs at most a twentieth of the rounds' time
             self._spacing = max(1, int(np.ceil(took / (0.05 * round_seconds))))
 

@@ -51,6 +51,29 @@ def test_a_missing_or_damaged_checkpoint_is_a_plain_error(tmp_path):
         read_checkpoint(tmp_path)
 
 
+def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    import errno
+    import logging
+
+    from fedlora import checkpoint as ckpt
+
+    keeper = ckpt.Checkpointer(tmp_path, 1)
+    keeper.after_round(1, lambda: Checkpoint(round=1, arrays={"w": np.ones(3, np.float32)}), 1.0, last=False)
+    real = ckpt._replace_atomically
+
+    def full_disk(path, write):
+        if path.suffix == ".safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, write)
+
+    monkeypatch.setattr(ckpt, "_replace_atomically", full_disk)
+    with caplog.at_level(logging.ERROR, logger="fedlora"):
+        keeper.after_round(2, lambda: Checkpoint(round=2, arrays={"w": np.zeros(3, np.float32)}), 1.0, last=False)
+    assert "could not write the checkpoint of round 2" in caplog.text and "after round 1" in caplog.text
+    back = read_checkpoint(tmp_path)
+    assert back.round == 1 and np.array_equal(back.arrays["w"], np.ones(3, np.float32))  # the last good one
+
+
 def _stopped_run(tmp_path, overrides, after=2):
     """A run directory as a run of `overrides` stopped after round `after` leaves it."""
     from omegaconf import OmegaConf
