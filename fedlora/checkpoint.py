@@ -33,6 +33,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fedlora.errors import ConfigError
+from fedlora.structured import flatten, matches_any
 
 log = logging.getLogger("fedlora")
 
@@ -97,7 +98,7 @@ def read_checkpoint(run_dir: str | Path, arrays: bool = True) -> Checkpoint:
     from safetensors.numpy import load_file
 
     folder = Path(run_dir) / CHECKPOINT_DIR
-    if not (folder / INDEX).is_file():
+    if not has_checkpoint(run_dir):
         raise ConfigError(f"resume={run_dir}: no checkpoint there ({folder / INDEX} is missing): the run stopped "
                           "before its first checkpoint, or is not a fedlora run directory; start it again instead")
     try:
@@ -118,16 +119,6 @@ def _config_groups() -> set[str]:
     from importlib.resources import files
 
     return {p.name for p in files("conf").iterdir() if p.is_dir() and not p.name.startswith("_")} | {"experiment"}
-
-
-def _may_differ(key: str) -> bool:
-    return any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_DIFFER)
-
-
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict) and node:
-        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: node}
 
 
 def _short(value: Any) -> str:
@@ -163,8 +154,8 @@ def resumed_config(run_dir: str | Path, given: list[str]) -> tuple[DictConfig, i
                 continue  # its values are the run's already (an experiment's sweep has set them)
             value = {"name": value}
         OmegaConf.update(cfg, key, value, force_add=True, merge=False)
-    was, now = _flat(OmegaConf.to_container(saved)), _flat(OmegaConf.to_container(cfg))
-    differ = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k) and not _may_differ(k))
+    was, now = flatten(OmegaConf.to_container(saved)), flatten(OmegaConf.to_container(cfg))
+    differ = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k) and not matches_any(k, MAY_DIFFER))
     if differ:
         shown = "; ".join(f"{k}: {_short(was.get(k))} in the run, {_short(now.get(k))} now" for k in differ[:6])
         more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 from fedlora.errors import FedloraError
 from fedlora.plots import PLOTS, plot_accuracy
 from fedlora.records import human_bytes
+from fedlora.structured import flatten, matches_any
 
 # Keys that do not make two runs different experiments: the seed is what a group averages over, the
 # others say where and how a run was executed, not what it computed.
@@ -76,16 +77,6 @@ class Group:
 
 
 # ---------------------------------------------------------------- reading runs
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            flat.update(flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
 
 
 def _natural(path: Path) -> list:
@@ -146,10 +137,6 @@ def load_run(path: Path, warn: Callable[[str], None]) -> Run:
 # ---------------------------------------------------------------- grouping
 
 
-def _ignored(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in NOT_GROUPING)
-
-
 def _key_order(key: str) -> tuple:
     # a section's name before its other keys: method.name, method.compression_ratio, partition.name, ...
     section, _, last = key.rpartition(".")
@@ -158,7 +145,8 @@ def _key_order(key: str) -> tuple:
 
 def differing_keys(runs: Sequence[Run]) -> list[str]:
     keys = sorted({k for r in runs for k in r.config}, key=_key_order)
-    return [k for k in keys if not _ignored(k) and len({json.dumps(r.config.get(k)) for r in runs}) > 1]
+    return [k for k in keys
+            if not matches_any(k, NOT_GROUPING) and len({json.dumps(r.config.get(k)) for r in runs}) > 1]
 
 
 def _fmt(v: Any) -> str:

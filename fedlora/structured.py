@@ -1,4 +1,5 @@
-"""A config section checked against its dataclass: the keys a method or an adapter takes, and their types."""
+"""A config section checked against its dataclass: the keys a method or an adapter takes, and their
+types; and a config as flat dotted keys, matched against key patterns."""
 
 from __future__ import annotations
 
@@ -33,3 +34,19 @@ def settings(schema: type) -> str:
 def as_dict(obj: Any) -> dict:
     """A typed section back as plain values, for the resolved config."""
     return OmegaConf.to_container(OmegaConf.structured(obj))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"partition.alpha": 0.3, ...}."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def matches_any(key: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a dotted key is one of `patterns`, or lies in a section among them (one ending in ".")."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
