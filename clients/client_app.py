@@ -43,7 +43,7 @@ from torch import nn
 from fedlora.config import from_json
 from fedlora.data import has_dataset
 from fedlora.dp import client_spec
-from fedlora.dp import enabled as dp_enabled
+from fedlora.dp import client_side as dp_client_side
 from fedlora.federated_data import client_tensors, local_tensors, split_for_clients, train_count
 from fedlora.methods import Method, make_method
 from fedlora.paths import absolute
@@ -233,7 +233,7 @@ def train(msg: Message, context: Context) -> Message:
         model = _received(run, context, msg.content["arrays"], server_round)
     _with_personal(run, context, model)
     method.set_trainable(model, server_round)
-    spec = client_spec(run.cfg, len(y)) if dp_enabled(run.cfg) else None
+    spec = client_spec(run.cfg, len(y)) if dp_client_side(run.cfg) else None
     loss = train_local(model, x, y, run.cfg.local, seed=int(config[SEED]), dp=spec)
     if method.personal_keys(model):
         context.state[PERSONAL] = ArrayRecord(state_tensors(model, method.personal_keys(model)))

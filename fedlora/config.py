@@ -99,10 +99,13 @@ class EvalConfig:
 
 
 @dataclass
-class DPConfig:  # client-side DP-SGD (fedlora.dp); off unless noise_multiplier or epsilon is set
+class DPConfig:  # differential privacy (fedlora.dp); off unless noise_multiplier or epsilon is set
+    # client: DP-SGD in each client's local training; server: central DP, each client's update clipped
+    # on the server and the average noised (strategies/central_dp.py), for the methods that average
+    where: str = "client"
     noise_multiplier: Optional[float] = None  # σ: the noise's standard deviation relative to max_grad_norm
     epsilon: Optional[float] = None  # or a target ε: σ such that a client training every round spends at most this
-    max_grad_norm: float = 1.0  # C: each example's gradient is clipped to this norm
+    max_grad_norm: float = 1.0  # C: each example's gradient (client), or each client's update (server), clipped to this norm
     delta: float = 1e-5
 
 
@@ -287,6 +290,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"dp.epsilon must be > 0 (got {dp.epsilon})")
     if not dp.max_grad_norm > 0 or not 0 < dp.delta < 1:
         raise ConfigError(f"dp.max_grad_norm must be > 0 and dp.delta in (0, 1) (got {dp.max_grad_norm}, {dp.delta})")
+    if dp.where not in ("client", "server"):
+        raise ConfigError(f"dp.where must be client (DP-SGD on each client) or server (central DP: clipped updates, "
+                          f"a noised average) (got {dp.where})")
+    if dp.where == "server" and (dp.noise_multiplier is not None or dp.epsilon is not None) \
+            and not method_class(cfg.method.name).averages():
+        able = _choices(name for name, m in METHODS.items() if m.averages())
+        raise ConfigError(f"dp.where=server clips each client's update and noises their average; method="
+                          f"{cfg.method.name} combines the replies otherwise, so the noise would not bound what it "
+                          f"releases: use dp.where=client, or one of the methods that average: {able}")
     every = cfg.checkpoint.every
     if every != "auto" and not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
         raise ConfigError(f"checkpoint.every must be auto or a number of rounds >= 0 (0: none; got {every})")

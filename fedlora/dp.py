@@ -1,4 +1,6 @@
-"""Client-side differential privacy: DP-SGD (Abadi et al., 2016) in each client's local training.
+"""Differential privacy. `dp.where=client` (the default): DP-SGD (Abadi et al., 2016) in each
+client's local training, below. `dp.where=server`: central DP, each client's update clipped on the
+server and the average noised (`strategies/central_dp.py`), counted here by `CentralLedger`.
 
 Each step draws a Poisson sample of the client's examples (each one in with probability q =
 local.batch_size / n, from the client's training seed), computes every example's gradient of what
@@ -48,13 +50,19 @@ def enabled(cfg: DictConfig) -> bool:
     return cfg.dp.noise_multiplier is not None or cfg.dp.epsilon is not None
 
 
+def client_side(cfg: DictConfig) -> bool:
+    """Whether clients train with DP-SGD."""
+    return enabled(cfg) and cfg.dp.where == "client"
+
+
 def check_model(model: nn.Module) -> None:
-    """ConfigError for a model that DP-SGD cannot train: one with BatchNorm."""
+    """ConfigError for a model that DP-SGD cannot train: one with BatchNorm (central DP takes it)."""
     norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if norms:
         raise ConfigError(f"dp: the model has BatchNorm ({norms[0]}, ...), which mixes the examples of a batch, so "
                           "DP-SGD cannot bound one example's gradient (Opacus refuses it too); use a pretrained model "
-                          "with adapters (dataset=agnews, or model=vit), or leave dp.* unset")
+                          "with adapters (dataset=agnews, or model=vit), central DP (dp.where=server), or leave dp.* "
+                          "unset")
 
 
 @lru_cache(maxsize=4096)
@@ -133,3 +141,33 @@ class PrivacyLedger:
             history.append([spec.noise_multiplier, spec.sample_rate, spec.steps])
             self.record["epsilon"][str(pid)] = epsilon(history, self.record["delta"])
         return max(self.record["epsilon"].values(), default=0.0)
+
+
+def central_noise(cfg: DictConfig) -> float:
+    """σ of central DP: `dp.noise_multiplier`, or the smallest with which the run's rounds, each one
+    Gaussian release without amplification by sampling, spend at most `dp.epsilon` at `dp.delta`."""
+    if cfg.dp.noise_multiplier is not None:
+        return float(cfg.dp.noise_multiplier)
+    return _noise_for(float(cfg.dp.epsilon), float(cfg.dp.delta), 1.0, int(cfg.num_rounds))
+
+
+class CentralLedger:
+    """The server's count of central DP (`record`, kept in the run's summary and checkpoint): the
+    rounds released, each a Gaussian mechanism of noise multiplier σ on the clipped updates' average,
+    and the ε they spend, for every client alike."""
+
+    def __init__(self, cfg: DictConfig, record: dict):
+        self.record = record
+        record.setdefault("where", "server")
+        record.setdefault("delta", float(cfg.dp.delta))
+        record.setdefault("noise_multiplier", central_noise(cfg))
+        record.setdefault("max_grad_norm", float(cfg.dp.max_grad_norm))
+        record.setdefault("releases", 0)
+        record.setdefault("epsilon", 0.0)
+
+    def released(self, count: int) -> float:
+        """Count `count` (0 or 1) more rounds released; the ε spent so far."""
+        self.record["releases"] += count
+        r = self.record
+        r["epsilon"] = epsilon([[r["noise_multiplier"], 1.0, r["releases"]]], r["delta"])
+        return r["epsilon"]

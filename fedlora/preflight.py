@@ -17,6 +17,6 @@ def preflight(cfg: DictConfig) -> None:
     (decoded data, partitions, the pretrained model read) is kept for the run in this process."""
     check_available(cfg.dataset.name, cfg.data.root, cfg.data.download)
     model = make_method(cfg).initial_model()
-    if dp.enabled(cfg):
+    if dp.client_side(cfg):
         dp.check_model(model)
     federated_data(cfg)  # after the model: a text data set is tokenized with the model's tokenizer

@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 from fedlora.checkpoint import CHECKPOINT_DIR, Checkpoint, Checkpointer, read_checkpoint, resumed_config
 from fedlora.config import compose, from_json, resolve, to_json
 from fedlora.data import DATASETS
-from fedlora.dp import PrivacyLedger
+from fedlora.dp import CentralLedger, PrivacyLedger
+from fedlora.dp import client_side as dp_client_side
 from fedlora.dp import enabled as dp_enabled
 from fedlora.errors import FedloraError, RunInterrupted
 from fedlora.federated_data import federated_data, test_tensors, train_count
@@ -37,6 +38,7 @@ from fedlora.protocol import CONFIG, RANK
 from fedlora.records import RunRecorder, human_bytes, setup_logging
 from fedlora.seeds import derive_seed
 from fedlora.training import evaluate, pick_device
+from strategies.central_dp import ServerSideFixedClipping
 from strategies.grid import MeteredGrid
 from strategies.strategy import MethodStrategy
 from strategies.validation import node_of_reply
@@ -200,7 +202,12 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
                               evaluate_clients=cfg.eval.clients, min_replies=cfg.min_replies,
                               faults=dict(cfg.simulation.faults))
     strategy.clients = {int(pid): counts for pid, counts in recorder.extra.get("client_replies", {}).items()}
-    privacy = PrivacyLedger(cfg, recorder.extra.setdefault("dp", {})) if dp_enabled(cfg) else None
+    privacy = central = None
+    if dp_client_side(cfg):
+        privacy = PrivacyLedger(cfg, recorder.extra.setdefault("dp", {}))
+    elif dp_enabled(cfg):  # central DP: a wrapper around the strategy, as Flower's
+        central = CentralLedger(cfg, recorder.extra.setdefault("dp", {}))
+        strategy = ServerSideFixedClipping(strategy, central.record["noise_multiplier"], cfg.dp.max_grad_norm, cfg.seed)
     evaluate_global = GlobalEvaluation(cfg, method)
     timeout, ledger, result = cfg.simulation.round_timeout, grid.ledger, Result()
     log.info("%s: %d clients, %d per round, %d rounds", method.name, cfg.num_clients, cfg.clients_per_round,
@@ -239,6 +246,10 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
         dp_figures = {}
         if privacy is not None:
             dp_figures["dp_epsilon"] = privacy.trained({p: strategy.examples_of_partition[p] for p in strategy.trained})
+        if central is not None:
+            dp_figures["dp_epsilon"] = central.released(int(train["dp-released"]))
+            if "dp-clipped" in train:
+                dp_figures["dp_clipped"] = train["dp-clipped"]
         recorder.extra["client_replies"] = {str(pid): c for pid, c in sorted(strategy.clients.items()) if pid >= 0}
         if strategy.never_accepted():
             recorder.extra["clients_never_accepted"] = sorted(strategy.never_accepted())

@@ -73,9 +73,14 @@ class MethodStrategy(Strategy):
         self.fail_rate, self.straggle_rate = (faults or {}).get("fail_rate", 0.0), (faults or {}).get("straggle_rate", 0.0)
         # every client's counts over the run: accepted, rejected, failed, timed out (and the last reason)
         self.clients: dict[int, dict] = {}
+        self.uniform = False  # weigh every valid reply alike, not by its examples (central DP: central_dp.py)
 
     def global_arrays(self) -> ArrayRecord:
         return ArrayRecord(state_tensors(self.model, self.method.global_keys(self.model)))
+
+    def round_start(self) -> dict[str, torch.Tensor]:
+        """What the clients of the round in progress send up, as the round started."""
+        return self._round[0]
 
     def sample(self, server_round: int) -> list[int]:
         return sample(self.node_of_partition, self.clients_per_round, self.seed, server_round)
@@ -198,7 +203,7 @@ class MethodStrategy(Strategy):
                                 "timed-out": len(timed_out), "num-examples": 0, "train_loss": float("nan")})
         valid = [r for _, r in sorted(self.accepted.items())]
         if len(valid) >= max(1, self.min_replies):
-            self.method.aggregate(self.model, [Update(r.arrays, r.num_examples) for r in valid])
+            self.method.aggregate(self.model, [Update(r.arrays, 1 if self.uniform else r.num_examples) for r in valid])
             total = sum(r.num_examples for r in valid)
             metrics["num-clients"], metrics["num-examples"] = len(valid), total
             metrics["train_loss"] = sum(r.train_loss * r.num_examples for r in valid) / total

@@ -1,6 +1,7 @@
 """Client-side DP-SGD: each example's gradient clipped to C, Gaussian noise of σ C on the sum, the
 expected batch size as divisor; σ found for a target ε; privacy counted per client by the RDP
-accountant; and a short real run under a budget."""
+accountant; and a short real run under a budget. Central DP (dp.where=server): each update clipped to
+C, the uniform mean noised with σ C / m, every round one release; and a short real run."""
 
 from __future__ import annotations
 
@@ -90,3 +91,97 @@ def test_a_short_run_under_dp_counts_each_clients_epsilon_within_the_budget(pres
     assert 0 < rows[0]["dp_epsilon"] <= rows[1]["dp_epsilon"] <= 3.0
     assert max(summary["dp"]["epsilon"].values()) == rows[1]["dp_epsilon"]
     assert rows[-1]["test_accuracy"] != plain[-1]["test_accuracy"]  # the noise did change the model
+
+
+# --- central DP (dp.where=server): strategies/central_dp.py --------------------------------------------
+def central_round(cfg, sigma, clip, perturbations):
+    """A FedAvg round through ServerSideFixedClipping: each reply is the round's start plus
+    `perturbations[k]` times a fixed random direction; returns (start, replies' arrays, new global)."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from strategies.central_dp import ServerSideFixedClipping
+    from strategies.strategy import MethodStrategy
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    method, model = built(cfg)
+    inner = MethodStrategy(method, model, {pid: 100 + pid for pid in range(cfg.num_clients)}, cfg.clients_per_round,
+                           cfg.seed)
+    strategy = ServerSideFixedClipping(inner, sigma, clip, cfg.seed)
+    messages = list(strategy.configure_train(1, inner.global_arrays(), None, None))
+    start = {k: t.numpy().copy() for k, t in inner.round_start().items()}
+    gen = np.random.default_rng(0)
+    sent = []
+    for msg, scale in zip(messages, perturbations):
+        direction = {k: gen.standard_normal(a.shape).astype(a.dtype) for k, a in start.items()}
+        norm = np.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in direction.values()))
+        arrays = {k: (start[k] + d * (scale / norm)).astype(start[k].dtype) for k, d in direction.items()}
+        sent.append(arrays)
+        n = 10 * (len(sent))  # unequal examples: central DP weighs the replies alike all the same
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord({"num-examples": n, "train_loss": 0.5})})
+        strategy.accept(1, [Message(content, reply_to=msg)])
+    new, metrics = strategy.finish_train(1)
+    return start, sent, {k: a.numpy() for k, a in new.items()}, metrics
+
+
+def test_central_dp_without_noise_is_the_uniform_mean_of_the_updates_clipped_to_c():
+    cfg = resolve(compose(["num_clients=6", "clients_per_round=3"]))
+    start, sent, new, metrics = central_round(cfg, 0.0, 1.0, [0.5, 2.0, 4.0])
+    for key in start:
+        by_hand = start[key].astype(np.float64) + np.mean(
+            [(s[key] - start[key]) * min(1.0, 1.0 / norm) for s, norm in zip(sent, [0.5, 2.0, 4.0])], axis=0)
+        np.testing.assert_allclose(new[key], by_hand, atol=1e-6)
+    assert metrics["num-clients"] == 3 and metrics["dp-released"] == 1
+    assert metrics["dp-clipped"] == pytest.approx(2 / 3)  # two of the three updates were longer than C
+
+
+def test_central_dp_noise_has_std_sigma_c_over_m_and_is_drawn_from_the_seed():
+    cfg = resolve(compose(["num_clients=6", "clients_per_round=3"]))
+    _, _, plain, _ = central_round(cfg, 0.0, 0.5, [0.1, 0.2, 0.3])
+    _, _, noised, _ = central_round(cfg, 3.0, 0.5, [0.1, 0.2, 0.3])
+    _, _, again, _ = central_round(cfg, 3.0, 0.5, [0.1, 0.2, 0.3])
+    weights = [k for k in plain if not k.endswith("running_var")]  # variances are clamped at 0
+    noise = np.concatenate([(noised[k].astype(np.float64) - plain[k]).ravel() for k in weights])
+    assert noise.std() == pytest.approx(3.0 * 0.5 / 3, rel=0.02) and abs(noise.mean()) < 0.01
+    assert all(np.array_equal(noised[k], again[k]) for k in noised)  # a resumed round draws the same noise
+    assert all((noised[k] >= 0).all() for k in noised if k.endswith("running_var"))
+
+
+def test_central_dp_counts_each_round_as_a_gaussian_release_and_finds_sigma_for_a_target():
+    from fedlora.dp import CentralLedger, central_noise
+
+    cfg = resolve(compose(["dp.where=server", "dp.epsilon=3", "num_rounds=10"]))
+    sigma = central_noise(cfg)
+    ledger = CentralLedger(cfg, {})
+    spent = [ledger.released(1) for _ in range(10)]
+    assert spent == sorted(spent) and 2.7 < spent[-1] <= 3.0
+    assert ledger.released(0) == spent[-1]  # a round that aggregated nothing released nothing
+    assert central_noise(resolve(compose(["dp.where=server", "dp.epsilon=3", "num_rounds=40"]))) > sigma
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["dp.where=server", "dp.epsilon=3"] + TINY_TEXT + ["method=flora"], "method=flora combines the replies otherwise"),
+    (["dp.where=server", "dp.epsilon=3"] + TINY_TEXT + ["method=fed_sb"], "use dp.where=client, or one of the methods"),
+    (["dp.where=everywhere", "dp.epsilon=3"], "dp.where must be client"),
+])
+def test_central_dp_refuses_methods_that_do_not_average(overrides, message):
+    from fedlora.config import validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(resolve(compose(overrides)))
+
+
+def test_a_short_run_under_central_dp_takes_batchnorm_and_spends_the_target(preset_run, ray_address, tmp_path):
+    from fedlora.simulation import run_simulation
+
+    cfg = resolve(compose(PRESETS["fedavg"] + ["dp.where=server", "dp.epsilon=6", "dp.max_grad_norm=0.5",
+                                               f"simulation.ray_address={ray_address}"]))
+    run_simulation(cfg, tmp_path)
+    rows, plain = metrics_rows(tmp_path), metrics_rows(preset_run("fedavg")[1])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["dp"]["releases"] == len(rows)
+    assert [r["bytes_up"] for r in rows] == [r["bytes_up"] for r in plain]
+    assert 0 < rows[0]["dp_epsilon"] < rows[-1]["dp_epsilon"] <= 6.0 and rows[-1]["dp_epsilon"] > 5.4
+    assert all(0 <= r["dp_clipped"] <= 1 and np.isfinite(r["test_loss"]) for r in rows)
+    assert rows[-1]["test_accuracy"] != plain[-1]["test_accuracy"]

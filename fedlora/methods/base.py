@@ -211,6 +211,14 @@ class Method:
         """Combine the valid replies of a round (in partition order) into the global model, in place."""
         load_arrays(model, weighted_mean(updates))
 
+    @classmethod
+    def averages(cls) -> bool:
+        """Whether the global state that travels up is the weighted mean of the replies, all the server
+        does besides what every process does alike (the FedAvg family): what central DP can clip and
+        noise. Not so for a method that combines replies otherwise, or initialises from the clients'
+        data (what Fed-SB's clients send before round 1 is not noised)."""
+        return cls.aggregate is Method.aggregate and not cls.initialises
+
     def describe(self, model: nn.Module) -> dict | None:
         """Facts about the method for the run's summary (FedMUD's compression), or None."""
         return None
