@@ -135,7 +135,22 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_flwr_run_writes_the_same_records_as_the_simulation(federation, ray_address, tmp_path):
+@pytest.fixture(scope="module")
+def simulated(ray_address, tmp_path_factory) -> list[dict]:
+    """The rows of OVERRIDES run in simulation."""
+    run_dir = tmp_path_factory.mktemp("simulated")
+    run_simulation(resolve(compose([*OVERRIDES, f"simulation.ray_address={ray_address}"])), run_dir)
+    return rows(run_dir)
+
+
+def assert_same_rounds(deployed: list[dict], simulated: list[dict]) -> None:
+    for d, s in zip(deployed, simulated, strict=True):
+        for key in ("round", "num_clients", "bytes_up", "bytes_down", "test_accuracy"):
+            assert d[key] == s[key], key
+        assert d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)
+
+
+def test_flwr_run_writes_the_same_records_as_the_simulation(federation, simulated, tmp_path):
     procs = federation["procs"]
     run_dir = tmp_path / "deployed"
     overrides = " ".join(OVERRIDES)
@@ -153,13 +168,26 @@ def test_flwr_run_writes_the_same_records_as_the_simulation(federation, ray_addr
     assert sum(json.loads((run_dir / "partitions.json").read_text())["sizes"]) == 1200
 
     # the same overrides in simulation: the same config, the same rounds, the same bytes
-    cfg = resolve(compose([*OVERRIDES, f"simulation.ray_address={ray_address}"]))
-    run_simulation(cfg, tmp_path / "simulated")
-    simulated = rows(tmp_path / "simulated")
-    for d, s in zip(deployed, simulated, strict=True):
-        for key in ("round", "num_clients", "bytes_up", "bytes_down", "test_accuracy"):
-            assert d[key] == s[key], key
-        assert d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)
+    assert_same_rounds(deployed, simulated)
+
+
+def test_a_deployed_run_resumed_through_flwr_run_goes_on_as_if_never_stopped(federation, simulated, tmp_path):
+    """One round under `flwr run`, then `resume=` in the overrides of a second `flwr run` to round 2,
+    on the same SuperLink and SuperNodes (which hold nothing of the first run): the records of the
+    run that was never stopped."""
+    procs = federation["procs"]
+    run_dir = tmp_path / "stopped"
+    first = " ".join(o for o in OVERRIDES if not o.startswith("num_rounds=")) + " num_rounds=1"
+    out = procs.run("flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config",
+                    f'overrides="{first}" run-dir="{run_dir}"', timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = procs.run("flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config",
+                    f'overrides="resume={run_dir} num_rounds=2"', timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resumed after round 1 of 2" in out.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    assert_same_rounds(rows(run_dir), simulated)
 
 
 def test_a_bad_run_config_is_reported_plainly(federation, tmp_path):
