@@ -121,6 +121,8 @@ def _training_data(cfg: DictConfig, context: Context, partition_id: int):
     node = context.node_config
     if "local-data" in node:
         return local_tensors(cfg, absolute(node["local-data"], "node config local-data", must_exist=True))
+    if cfg.dataset.name == "hf":  # at dataset.path, not under a data root
+        return client_tensors(cfg, partition_id)
     root = cfg.data.root
     if "data-root" in node:
         root = absolute(node["data-root"], "node config data-root", must_exist=True)

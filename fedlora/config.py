@@ -26,7 +26,16 @@ from fedlora.structured import as_dict, settings, typed
 
 @dataclass
 class DatasetConfig:
-    name: str = MISSING  # fmnist, svhn, cifar10, cifar100 (classes and shapes: fedlora.data.DATASETS)
+    # fmnist, svhn, cifar10, cifar100, agnews (classes and shapes: fedlora.data.DATASETS), or hf: a
+    # user's own text data at `path` (fedlora/own_data.py), whose other settings are below
+    name: str = MISSING
+    path: Optional[str] = None  # a local CSV, TSV, JSON-lines or Parquet file, a folder, or a Hub id
+    subset: Optional[str] = None  # a Hub data set's configuration (glue: sst2, ...)
+    train_split: str = "train"
+    test_split: Optional[str] = None  # none: a seeded hold-out of test_fraction of the training split
+    test_fraction: float = 0.2
+    text: Any = "text"  # the text column, or [first, second] for sentence pairs
+    label: str = "label"
 
 
 @dataclass
@@ -198,6 +207,25 @@ def _validate_method(cfg: DictConfig, pretrained: bool) -> None:
     method.check(cfg)
 
 
+def _validate_dataset(cfg: DictConfig) -> None:
+    d = cfg.dataset
+    if d.name != "hf":
+        if d.path is not None:
+            raise ConfigError(f"dataset.path is for dataset=hf (a data set of one's own); dataset={d.name} is read from "
+                              "data.root")
+        return
+    if not d.path:
+        raise ConfigError("dataset=hf needs dataset.path: a local CSV, TSV, JSON-lines or Parquet file, a folder "
+                          "(save_to_disk's, or of such files), or a Hugging Face Hub id")
+    columns = [d.text] if isinstance(d.text, str) else list(d.text) if d.text is not None else []
+    if not 1 <= len(columns) <= 2 or not all(isinstance(c, str) and c for c in columns):
+        raise ConfigError(f"dataset.text must name a text column, or two for sentence pairs (got {d.text})")
+    if d.label in columns:
+        raise ConfigError(f"dataset.label={d.label} is also a text column")
+    if d.test_split is None and not 0 < d.test_fraction < 1:
+        raise ConfigError(f"dataset.test_fraction must be in (0, 1) (got {d.test_fraction})")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the valid choices for the first mistake found. Nothing is read from
     the disk and no model is built here: `fedlora.preflight` checks what needs them."""
@@ -208,6 +236,7 @@ def validate(cfg: DictConfig) -> None:
 
     if cfg.dataset.name not in DATASETS:
         raise ConfigError(f"unknown dataset '{cfg.dataset.name}'; choose one of: {_choices(DATASETS)}")
+    _validate_dataset(cfg)
     info = DATASETS[cfg.dataset.name]
     pretrained = cfg.model.name in PRETRAINED or cfg.model.hf is not None
     if pretrained:
@@ -358,6 +387,12 @@ def resolve(cfg: DictConfig) -> DictConfig:
         cfg.data.root = absolute(os.environ["FEDLORA_DATA"], "FEDLORA_DATA", must_exist=exists)
     if cfg.data.cache_dir is not None:
         cfg.data.cache_dir = absolute(cfg.data.cache_dir, "data.cache_dir")
+    if cfg.dataset.get("path"):
+        from fedlora.own_data import looks_local
+
+        given = str(cfg.dataset.path)
+        if looks_local(given) or os.path.exists(os.path.expanduser(given)):  # else a Hub id
+            cfg.dataset.path = absolute(given, "dataset.path", must_exist=True)
     if cfg.resume is not None:
         cfg.resume = absolute(cfg.resume, "resume", must_exist=True)
     validate(cfg)

@@ -52,7 +52,30 @@ DATASETS = {
     "cifar10": DatasetInfo(10, (3, 32, 32), "vgg_cifar", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": DatasetInfo(100, (3, 32, 32), "vgg_cifar", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "agnews": DatasetInfo(4, None, "minilm"),
+    "hf": DatasetInfo(0, None, "minilm"),  # a user's own text data (fedlora.own_data): its classes are its labels'
 }
+
+
+def dataset_info(cfg) -> DatasetInfo:
+    """The run's data set's classes and shapes: a built-in's, or those of the user's own (read)."""
+    if cfg.dataset.name != "hf":
+        return DATASETS[cfg.dataset.name]
+    from fedlora.own_data import read_own
+
+    return DatasetInfo(len(read_own(cfg).label_names), None, "minilm")
+
+
+def check_dataset(cfg) -> None:
+    """Raise DataError, saying what is missing or wrong, when the run's data set cannot be read."""
+    if cfg.dataset.name == "hf":
+        from fedlora.own_data import read_own
+
+        n = len(read_own(cfg).train_labels)
+        if n < cfg.num_clients:
+            raise DataError(f"dataset.path={cfg.dataset.path}: {n} training examples for num_clients={cfg.num_clients}; "
+                            "every client needs at least one (fewer clients, or more data)")
+        return
+    check_available(cfg.dataset.name, cfg.data.root, cfg.data.download)
 
 _FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -270,8 +293,23 @@ def has_dataset(name: str, root: Optional[str]) -> bool:
     return True
 
 
+def _load_own(cfg, split: str) -> Split:
+    from fedlora.hf import model_path
+    from fedlora.own_data import read_own
+    from fedlora.text import tokenize
+
+    data = read_own(cfg)
+    texts, labels = (data.train_texts, data.train_labels) if split == "train" else (data.test_texts, data.test_labels)
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    tokens = tokenize(list(texts[0]), model_path(cfg.model.hf), cfg.model.max_length, cache, f"{data.source}-{split}",
+                      pairs=list(texts[1]) if len(texts) > 1 else None)
+    return Split(tokens, labels)
+
+
 def load_full(cfg, split: str) -> Split:
-    """A whole split of the config's data set under cfg.data.root."""
+    """A whole split of the config's data set under cfg.data.root (or at dataset.path: dataset=hf)."""
+    if cfg.dataset.name == "hf":
+        return _load_own(cfg, split)
     if DATASETS[cfg.dataset.name].text:
         return _load_text(cfg, split)
     return load_split(cfg.dataset.name, cfg.data.root, split, cfg.data.download, cfg.data.cache_dir)

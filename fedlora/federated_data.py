@@ -52,6 +52,9 @@ def client_tensors(cfg: DictConfig, partition_id: int) -> tuple[torch.Tensor, to
 def _local_tensors(key: str) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = OmegaConf.create(json.loads(key))
     name = cfg.dataset.name
+    if name == "hf":
+        raise DataError(f"local-data {cfg.data.root}: a node's own data is read in a built-in data set's layout; "
+                        "dataset=hf runs in simulation, or on nodes that share dataset.path")
     try:
         x, y = to_tensors(load_full(cfg, "train"), name)
     except DataError as e:

@@ -122,10 +122,10 @@ def _pretrained(hf: str, num_labels: int, seed: int, num_layers: int | None, ima
 def dense_model(cfg) -> nn.Module:
     """The model a run starts from, before any factorization or adapter: drawn from the seed, or a
     pretrained one (read once per process, copied for each model built from it) with a seeded head."""
-    from fedlora.data import DATASETS
+    from fedlora.data import dataset_info
     from fedlora.seeds import derive_seed
 
-    info, seed = DATASETS[cfg.dataset.name], derive_seed(cfg.seed, "model-init")
+    info, seed = dataset_info(cfg), derive_seed(cfg.seed, "model-init")
     if cfg.adapter is None:
         return build_model(cfg.model.name, info.num_classes, seed)
     from fedlora.hf import image_classifier

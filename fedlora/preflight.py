@@ -7,7 +7,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from fedlora import dp
-from fedlora.data import check_available
+from fedlora.data import check_dataset
 from fedlora.federated_data import federated_data
 from fedlora.methods import make_method
 
@@ -15,7 +15,7 @@ from fedlora.methods import make_method
 def preflight(cfg: DictConfig) -> None:
     """Raise a FedloraError (ConfigError or DataError) that says what is wrong; the work done here
     (decoded data, partitions, the pretrained model read) is kept for the run in this process."""
-    check_available(cfg.dataset.name, cfg.data.root, cfg.data.download)
+    check_dataset(cfg)
     model = make_method(cfg).initial_model()
     if dp.client_side(cfg):
         dp.check_model(model)

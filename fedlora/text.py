@@ -40,12 +40,17 @@ def read_agnews(root: str | Path, split: str) -> tuple[list[str], np.ndarray]:
 
 
 def tokenize(texts: list[str], tokenizer_path: str, max_length: int, cache_dir: str | Path | None = None,
-             source: Path | None = None) -> np.ndarray:
-    """Token ids and attention masks, (N, 2, max_length) int64. With `cache_dir`, cached under a key of
-    the texts' source file (or the texts themselves), the tokenizer's files and max_length."""
+             source: Path | str | None = None, pairs: list[str] | None = None) -> np.ndarray:
+    """Token ids and attention masks, (N, 2, max_length) int64, of the texts (with `pairs`, of each
+    text and its pair, as the tokenizer joins sentence pairs). With `cache_dir`, cached under a key of
+    the texts' source file (or a string that names them, or the texts themselves), the tokenizer's
+    files and max_length."""
     key = None
     if cache_dir is not None:
-        what = [str(source.resolve()), source.stat().st_size, source.stat().st_mtime_ns] if source else texts
+        if isinstance(source, Path):
+            what = [str(source.resolve()), source.stat().st_size, source.stat().st_mtime_ns]
+        else:
+            what = source or [texts, pairs]
         tok_files = sorted(str(p) for p in Path(tokenizer_path).glob("*token*")) if Path(tokenizer_path).is_dir() else []
         key = hashlib.sha256(json.dumps([what, tokenizer_path, tok_files, max_length]).encode()).hexdigest()[:20]
         cached = Path(cache_dir) / f"tokens-{key}.npy"
@@ -58,7 +63,8 @@ def tokenize(texts: list[str], tokenizer_path: str, max_length: int, cache_dir: 
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the tokenizer of model '{tokenizer_path}': {str(e).splitlines()[0]}") from e
     tokenizer.padding_side = "right"  # TextClassifier drops the padding columns at the end
-    enc = tokenizer(texts, max_length=max_length, padding="max_length", truncation=True, return_tensors="np")
+    enc = tokenizer(list(texts), list(pairs) if pairs is not None else None, max_length=max_length,
+                    padding="max_length", truncation=True, return_tensors="np")
     tokens = np.stack([enc["input_ids"], enc["attention_mask"]], axis=1).astype(np.int64)
     if key is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from fedlora.checkpoint import CHECKPOINT_DIR, Checkpoint, Checkpointer, read_checkpoint, resumed_config
 from fedlora.config import compose, from_json, resolve, to_json
-from fedlora.data import DATASETS
+from fedlora.data import dataset_info
 from fedlora.dp import CentralLedger, PrivacyLedger
 from fedlora.dp import client_side as dp_client_side
 from fedlora.dp import enabled as dp_enabled
@@ -190,8 +190,12 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
     train_split, _, parts = federated_data(cfg)
     # the nodes answer once they are up: under a short round_timeout too, give them time to start
     node_of_partition, own_examples, node_ranks = discover_partitions(grid, cfg, max(cfg.simulation.round_timeout, 120))
-    recorder.write_partitions(class_histogram(train_split.labels, parts, DATASETS[cfg.dataset.name].num_classes),
+    recorder.write_partitions(class_histogram(train_split.labels, parts, dataset_info(cfg).num_classes),
                               own_examples)
+    if cfg.dataset.name == "hf":  # what each class id stands for
+        from fedlora.own_data import read_own
+
+        recorder.extra["labels"] = list(read_own(cfg).label_names)
     facts = method.describe(model) if resumed is None else None  # a resumed run's summary has them
     if facts is not None:
         recorder.extra["compression"] = facts
@@ -289,7 +293,7 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
                                      time.time() - started, last=rnd == cfg.num_rounds)
     if cfg.adapter is not None:  # the fine-tuned global model (as last evaluated), loadable without fedlora
         out = export_adapted(evaluate_global.model, recorder.dir / "adapter", cfg,
-                             DATASETS[cfg.dataset.name].num_classes, derive_seed(cfg.seed, "model-init"))
+                             dataset_info(cfg).num_classes, derive_seed(cfg.seed, "model-init"))
         log.info("global model saved in %s", out)
     return result
 

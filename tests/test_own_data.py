@@ -1,0 +1,171 @@
+"""dataset=hf: a user's own text classification data in CSV, TSV, JSON lines, Parquet, a save_to_disk
+folder or a folder of files by split, read through `datasets`; labels by ClassLabel or by sorted
+value; bad input named before Ray starts; and a short real run on a CSV file. Every file here is
+written by the test; nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import metrics_rows
+from fedlora.config import compose, resolve
+from fedlora.errors import ConfigError, DataError
+
+BASE = ["dataset=hf", "model.num_layers=2", "model.max_length=32", "adapter=lora", "method=fedit", "num_clients=4",
+        "clients_per_round=2", "num_rounds=2", "local.batch_size=16"]
+
+
+def agnews_rows(n: int, start: int = 0) -> list[tuple[str, str]]:
+    """(text, label name) pairs of real AG News training lines."""
+    import os
+
+    path = Path(os.environ["FEDLORA_DATA"]) / "agnews" / "dev.tsv"
+    lines = path.read_text(encoding="utf-8").splitlines()[start:start + n]
+    return [("\t".join(parts[:-1]), parts[-1]) for parts in (line.split("\t") for line in lines)]
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    suffix = path.suffix
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".tsv":  # as such files are: a header, then fields between tabs, nothing quoted
+        lines = ["\t".join(frame.columns)] + ["\t".join(str(v) for v in row) for row in frame.itertuples(index=False)]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    elif suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path)
+    return path
+
+
+def config(*extra: str):
+    return resolve(compose(BASE + list(extra)))
+
+
+def read(*extra: str):
+    from fedlora.own_data import read_own
+
+    return read_own(config(*extra))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
+def test_each_file_format_gives_the_same_texts_and_string_labels_in_sorted_order(tmp_path, suffix):
+    rows = [{"text": t.replace("\t", " "), "label": y} for t, y in agnews_rows(60)]
+    path = write(tmp_path / f"news{suffix}", rows)
+    data = read(f"dataset.path={path}")
+    assert data.label_names == tuple(sorted({r["label"] for r in rows}))
+    assert len(data.train_labels) == 48 and len(data.test_labels) == 12  # a seeded 20% held out
+    by_text = {r["text"]: data.label_names.index(r["label"]) for r in rows}
+    texts = data.train_texts[0] + data.test_texts[0]
+    assert sorted(texts) == sorted(by_text)
+    assert [by_text[t] for t in data.train_texts[0]] == data.train_labels.tolist()
+
+
+def test_the_hold_out_is_seeded_and_a_named_test_split_is_used_as_is(tmp_path):
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    rows = [{"text": t, "label": y} for t, y in agnews_rows(50)]
+    write(folder / "train.csv", rows[:40])
+    write(folder / "test.csv", rows[40:])
+    data = read(f"dataset.path={folder}", "dataset.test_split=test")
+    assert list(data.test_texts[0]) == [r["text"] for r in rows[40:]] and len(data.train_labels) == 40
+    one = read(f"dataset.path={folder}", "seed=1")
+    assert read(f"dataset.path={folder}", "seed=1").test_texts == one.test_texts
+    assert read(f"dataset.path={folder}", "seed=2").test_texts != one.test_texts
+
+
+def test_a_save_to_disk_folder_with_classlabel_names_and_sentence_pairs(tmp_path):
+    import datasets
+
+    features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])})
+    rows = agnews_rows(30)
+    split = {"premise": [t for t, _ in rows], "hypothesis": [t[::-1] for t, _ in rows], "label": [i % 3 for i in range(30)]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(split, features=features),
+                          "validation": datasets.Dataset.from_dict(split, features=features).select(range(10))}
+                         ).save_to_disk(str(tmp_path / "nli"))
+    cfg = config(f"dataset.path={tmp_path / 'nli'}", "dataset.test_split=validation", "dataset.text=[premise,hypothesis]")
+    from fedlora.data import dataset_info, load_full
+    from fedlora.own_data import read_own
+
+    data = read_own(cfg)
+    assert data.label_names == ("entailment", "neutral", "contradiction") and dataset_info(cfg).num_classes == 3
+    assert data.train_labels.tolist() == [i % 3 for i in range(30)] and len(data.train_texts) == 2
+    tokens = load_full(cfg, "train").inputs
+    from transformers import AutoTokenizer
+
+    from fedlora.hf import model_path
+
+    tok = AutoTokenizer.from_pretrained(model_path(cfg.model.hf))
+    sep = tok.sep_token_id
+    first = tokens[0, 0][tokens[0, 1] == 1]
+    assert (first == sep).sum() == 2  # [CLS] premise [SEP] hypothesis [SEP]: the pair, joined by the tokenizer
+
+
+def test_integer_labels_that_are_not_0_to_k_are_mapped_in_sorted_order(tmp_path):
+    rows = [{"text": t, "label": [3, 7, 11][i % 3]} for i, (t, _) in enumerate(agnews_rows(30))]
+    data = read(f"dataset.path={write(tmp_path / 'ints.csv', rows)}")
+    assert data.label_names == ("3", "7", "11")
+    assert set(data.train_labels.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("make, extra, message", [
+    (None, [], "dataset=hf needs dataset.path"),
+    (None, ["dataset.path=/nowhere/data.csv"], "does not exist"),
+    ("floats", [], "no column 'text'; its columns: sentence, score"),
+    ("floats", ["dataset.text=sentence", "dataset.label=score"], "holds float values; labels must be integers or strings"),
+    ("header", [], "holds no rows"),
+    ("three", [], "3 training examples for num_clients=4"),
+    ("three", ["dataset.test_split=test"], "has no split 'test'; it has: train"),
+    ("three", ["dataset.text=[text,label,text]"], "dataset.text must name a text column, or two"),
+])
+def test_bad_own_data_is_named_before_ray_starts(tmp_path, make, extra, message):
+    from fedlora.preflight import preflight
+
+    files = {"floats": [{"sentence": "a b", "score": 0.5}, {"sentence": "c", "score": 1.5}] * 5,
+             "three": [{"text": "a b", "label": "x"}, {"text": "c d", "label": "y"}, {"text": "e", "label": "x"},
+                       {"text": "f", "label": "y"}],
+             "header": None}
+    if make == "header":
+        (tmp_path / "header.csv").write_text("text,label\n")
+        extra = [f"dataset.path={tmp_path / 'header.csv'}"] + extra
+    elif make is not None:
+        extra = [f"dataset.path={write(tmp_path / f'{make}.csv', files[make])}"] + extra
+    with pytest.raises((ConfigError, DataError), match=message):
+        preflight(config(*extra))
+
+
+def test_a_hub_id_offline_says_it_needs_internet_or_a_local_path(monkeypatch):
+    from fedlora.own_data import read_own
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="Hub id it needs internet"):
+        read_own(config("dataset.path=someone/reviews"))
+
+
+def test_a_short_run_on_a_csv_file_of_ones_own(ray_address, tmp_path):
+    from fedlora.simulation import run_simulation
+
+    rows = [{"text": t, "label": y} for t, y in agnews_rows(500)]
+    path = write(tmp_path / "news.csv", rows)
+    cfg = resolve(compose(BASE + [f"dataset.path={path}", "data.test_samples=100",
+                                  f"simulation.ray_address={ray_address}"]))
+    run_simulation(cfg, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["labels"] == sorted({r["label"] for r in rows})
+    out = metrics_rows(tmp_path / "run")
+    assert [r["round"] for r in out] == [1, 2] and all(np.isfinite(r["test_loss"]) for r in out)
+    assert sum(json.loads((tmp_path / "run" / "partitions.json").read_text())["sizes"]) == 400  # 500, 20% held out
