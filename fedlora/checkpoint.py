@@ -164,6 +164,10 @@ def resumed_config(run_dir: str | Path, given: list[str]) -> tuple[DictConfig, i
     if cfg.num_rounds <= done:
         raise ConfigError(f"resume={run_dir}: the run has completed {done} rounds, and num_rounds="
                           f"{cfg.num_rounds} adds none: give num_rounds={done + 1} or more")
+    if cfg.dp.get("epsilon") is not None and cfg.num_rounds != saved.num_rounds:
+        raise ConfigError(f"resume={run_dir}: the run's DP noise was found for dp.epsilon={cfg.dp.epsilon} over its "
+                          f"num_rounds={saved.num_rounds}; more rounds would spend more than that. Resume with "
+                          f"num_rounds={saved.num_rounds}, or start a run with the budget and rounds wanted")
     cfg.resume = str(run_dir)
     return resolve(cfg), done
 

@@ -36,6 +36,12 @@ class DatasetConfig:
     test_fraction: float = 0.2
     text: Any = "text"  # the text column, or [first, second] for sentence pairs
     label: str = "label"
+    # model.task=causal_lm: the instruction, the (optional) input and the response columns, and the
+    # prompt, with {instruction} and {input} (null: Alpaca's)
+    instruction: str = "instruction"
+    input: str = "input"
+    response: str = "response"
+    template: Optional[str] = None
 
 
 @dataclass
@@ -46,6 +52,9 @@ class ModelConfig:
     hf: Optional[str] = None  # pretrained models: a Hugging Face Hub id or a local path (null: the preset's)
     num_layers: Optional[int] = None  # pretrained models: keep only the first layers (quick tests)
     max_length: Optional[int] = None  # pretrained text models: tokens per text (null: the preset's)
+    # classification (a new head over a pretrained encoder), or causal_lm: instruction tuning of a
+    # causal language model (fedlora/causal.py), with dataset=hf
+    task: str = "classification"
 
 
 @dataclass
@@ -224,6 +233,32 @@ def _validate_dataset(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.label={d.label} is also a text column")
     if d.test_split is None and not 0 < d.test_fraction < 1:
         raise ConfigError(f"dataset.test_fraction must be in (0, 1) (got {d.test_fraction})")
+    if d.template is not None:
+        try:
+            d.template.format(instruction="", input="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"dataset.template may hold {{instruction}} and {{input}} and nothing else in braces "
+                              f"(got {d.template!r}: {type(e).__name__} {e})") from e
+
+
+def _validate_task(cfg: DictConfig) -> None:
+    task = cfg.model.task
+    if task not in ("classification", "causal_lm"):
+        raise ConfigError(f"model.task must be classification or causal_lm (got {task})")
+    if task != "causal_lm":
+        return
+    if cfg.dataset.name != "hf":
+        raise ConfigError(f"model.task=causal_lm tunes on instructions: use dataset=hf with dataset.path= a file or "
+                          f"folder of instruction, input and response columns (dataset={cfg.dataset.name} is for "
+                          "classification)")
+    if cfg.model.hf is None:
+        raise ConfigError("model.task=causal_lm needs model.hf=ID_OR_PATH of a causal language model (a local folder "
+                          "offline)")
+    if cfg.adapter is None:
+        raise ConfigError("model.task=causal_lm fine-tunes through adapters: add adapter=lora (or another adapter)")
+    if cfg.partition.name == "label_count":  # dirichlet over a single class skews the clients' sizes
+        raise ConfigError("partition=label_count gives each client some of the classes; instructions have none: use "
+                          "partition=iid, or partition=dirichlet for clients of skewed sizes")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -237,6 +272,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.dataset.name not in DATASETS:
         raise ConfigError(f"unknown dataset '{cfg.dataset.name}'; choose one of: {_choices(DATASETS)}")
     _validate_dataset(cfg)
+    _validate_task(cfg)
     info = DATASETS[cfg.dataset.name]
     pretrained = cfg.model.name in PRETRAINED or cfg.model.hf is not None
     if pretrained:
@@ -265,7 +301,9 @@ def validate(cfg: DictConfig) -> None:
     if p.name == "dirichlet":
         _at_least(cfg, "partition.alpha", 0, strict=True)
         _at_least(cfg, "partition.min_partition_size", 0)
-    if p.name == "label_count" and not (p.classes_per_client and 1 <= p.classes_per_client <= info.num_classes):
+    # dataset=hf's classes are known once its labels are read: fedlora.data.check_dataset checks its bound
+    most = info.num_classes if cfg.dataset.name != "hf" else float("inf")
+    if p.name == "label_count" and not (p.classes_per_client and 1 <= p.classes_per_client <= most):
         raise ConfigError(
             f"partition.classes_per_client must be between 1 and {info.num_classes} (got {p.classes_per_client})"
         )
@@ -322,6 +360,9 @@ def validate(cfg: DictConfig) -> None:
     if dp.where not in ("client", "server"):
         raise ConfigError(f"dp.where must be client (DP-SGD on each client) or server (central DP: clipped updates, "
                           f"a noised average) (got {dp.where})")
+    if dp.where == "server" and (dp.noise_multiplier is not None or dp.epsilon is not None) and cfg.too_few == "retry":
+        raise ConfigError("dp.where=server divides each round's sum of updates by clients_per_round, so a round cannot "
+                          "ask more clients (too_few=retry): use too_few=keep")
     if dp.where == "server" and (dp.noise_multiplier is not None or dp.epsilon is not None) \
             and not method_class(cfg.method.name).averages():
         able = _choices(name for name, m in METHODS.items() if m.averages())
@@ -372,7 +413,8 @@ def resolve(cfg: DictConfig) -> DictConfig:
         raise ConfigError(str(e).splitlines()[0]) from e
     if cfg.model.name == "auto" and cfg.dataset.name in DATASETS:
         # model.hf alone names a pretrained model: the records say "hf", not the paper's CNN
-        cfg.model.name = "hf" if cfg.model.hf is not None else DATASETS[cfg.dataset.name].default_model
+        causal = cfg.model.get("task") == "causal_lm"  # no default causal LM: model.hf names one (validate says so)
+        cfg.model.name = "hf" if cfg.model.hf is not None or causal else DATASETS[cfg.dataset.name].default_model
     for key, value in PRETRAINED.get(cfg.model.name, {}).items():
         if cfg.model[key] is None:
             cfg.model[key] = value
@@ -380,6 +422,8 @@ def resolve(cfg: DictConfig) -> DictConfig:
         cfg.model.hf = _model_location(str(cfg.model.hf))
         if cfg.model.max_length is None and DATASETS.get(cfg.dataset.name) and DATASETS[cfg.dataset.name].text:
             cfg.model.max_length = PRETRAINED["minilm"]["max_length"]  # a text model of one's own: MiniLM's default
+    if cfg.model.get("task") == "causal_lm" and cfg.adapter is not None and list(cfg.adapter.train) == ["classifier"]:
+        cfg.adapter.train = []  # the adapters' default trains a classifier's new head, which a causal LM has not
     exists = not cfg.data.download  # a download creates the root
     if cfg.data.root is not None:
         cfg.data.root = absolute(cfg.data.root, "data.root", must_exist=exists)

@@ -70,10 +70,14 @@ def check_dataset(cfg) -> None:
     if cfg.dataset.name == "hf":
         from fedlora.own_data import read_own
 
-        n = len(read_own(cfg).train_labels)
+        data = read_own(cfg)
+        n = len(data.train_labels)
         if n < cfg.num_clients:
             raise DataError(f"dataset.path={cfg.dataset.path}: {n} training examples for num_clients={cfg.num_clients}; "
                             "every client needs at least one (fewer clients, or more data)")
+        if cfg.partition.name == "label_count" and cfg.partition.classes_per_client > len(data.label_names):
+            raise DataError(f"partition.classes_per_client={cfg.partition.classes_per_client}, and dataset.path="
+                            f"{cfg.dataset.path} has {len(data.label_names)} classes")
         return
     check_available(cfg.dataset.name, cfg.data.root, cfg.data.download)
 
@@ -301,6 +305,11 @@ def _load_own(cfg, split: str) -> Split:
     data = read_own(cfg)
     texts, labels = (data.train_texts, data.train_labels) if split == "train" else (data.test_texts, data.test_labels)
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    if cfg.model.task == "causal_lm":  # texts are (prompts, responses)
+        from fedlora.causal import tokenize_instructions
+
+        return Split(tokenize_instructions(list(texts[0]), list(texts[1]), model_path(cfg.model.hf),
+                                           cfg.model.max_length, cache, f"{data.source}-{split}"), labels)
     tokens = tokenize(list(texts[0]), model_path(cfg.model.hf), cfg.model.max_length, cache, f"{data.source}-{split}",
                       pairs=list(texts[1]) if len(texts) > 1 else None)
     return Split(tokens, labels)

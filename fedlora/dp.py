@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
@@ -99,26 +98,29 @@ def epsilon(history: list[list[float]], delta: float) -> float:
         return float(accountant.get_epsilon(delta))
 
 
-def dp_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: DPSpec, generator: torch.Generator) -> float:
+def dp_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: DPSpec,
+            generator: torch.Generator) -> tuple[float, int]:
     """Set the gradients of what trains to one DP-SGD step's on the batch (x, y): each example's
     gradient (one backward pass each: exact for any module, a pretrained model's data-dependent
     masking included) clipped to norm C, summed, noised with N(0, σ² C²), over the expected batch
-    size. Returns the batch's summed loss."""
+    size. Returns the batch's summed loss and the number of predictions it sums over."""
+    from fedlora.training import mean_loss
+
     params = [p for p in model.parameters() if p.requires_grad]
     summed = [torch.zeros_like(p) for p in params]
-    total = 0.0
+    total, count = 0.0, 0
     for xi, yi in zip(x, y):
-        loss = F.cross_entropy(model(xi[None]), yi[None])
+        loss, n = mean_loss(model, xi[None], yi[None])  # an example's: its tokens' mean, for a causal LM
         grads = torch.autograd.grad(loss, params)
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         scale = min(1.0, spec.max_grad_norm / (float(norm) + 1e-6))
         for s, g in zip(summed, grads):
             s.add_(g, alpha=scale)
-        total += float(loss)
+        total, count = total + float(loss.detach()) * n, count + n
     for p, s in zip(params, summed):
         noise = torch.normal(0.0, spec.noise_multiplier * spec.max_grad_norm, tuple(p.shape), generator=generator)
         p.grad = (s + noise.to(p.device)) / spec.expected_batch
-    return total
+    return total, count
 
 
 class PrivacyLedger:
@@ -169,5 +171,5 @@ class CentralLedger:
         """Count `count` (0 or 1) more rounds released; the ε spent so far."""
         self.record["releases"] += count
         r = self.record
-        r["epsilon"] = epsilon([[r["noise_multiplier"], 1.0, r["releases"]]], r["delta"])
+        r["epsilon"] = epsilon([[r["noise_multiplier"], 1.0, r["releases"]]], r["delta"]) if r["releases"] else 0.0
         return r["epsilon"]

@@ -20,7 +20,8 @@ from fedlora.seeds import derive_seed
 def _data_key(cfg: DictConfig) -> str:
     keep = {k: OmegaConf.to_container(cfg[k]) for k in ("dataset", "data", "partition")}
     keep.update(num_clients=cfg.num_clients, seed=cfg.seed,
-                model={"hf": cfg.model.hf, "max_length": cfg.model.max_length})  # text: the tokenizer
+                model={"hf": cfg.model.hf, "max_length": cfg.model.max_length,  # text: the tokenizer
+                       "task": cfg.model.get("task", "classification")})
     return json.dumps(keep, sort_keys=True)
 
 

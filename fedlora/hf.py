@@ -118,12 +118,17 @@ def export_adapted(model: nn.Module, out_dir: str | Path, cfg, num_labels: int, 
     hf = model.model
     layers = delta_layers(hf)
     if all(_is_plain_lora(layer) for _, layer in layers):
-        image = isinstance(model, ImageClassifier)
-        base = load_classifier(cfg.model.hf, num_labels, seed, cfg.model.num_layers, image)
+        task = "image" if isinstance(model, ImageClassifier) else cfg.model.get("task", "classification")
+        if task == "causal_lm":
+            from fedlora.causal import load_causal_lm
+
+            base = load_causal_lm(cfg.model.hf, seed, cfg.model.num_layers)
+        else:
+            base = load_classifier(cfg.model.hf, num_labels, seed, cfg.model.num_layers, task == "image")
         # LoRA over the pretrained weights, unless the method folded updates into them (FLoRA, FedEx-LoRA, MUD)
         if all(torch.equal(layer.weight.detach().cpu(), base.get_submodule(name).weight.detach().cpu())
                for name, layer in layers):
-            return export_peft_lora(hf, out_dir, base, cfg.model.hf, cfg.adapter.targets, cfg.adapter.train, image)
+            return export_peft_lora(hf, out_dir, base, cfg.model.hf, cfg.adapter.targets, cfg.adapter.train, task)
     merged = copy.deepcopy(hf).cpu()
     for name, layer in delta_layers(merged):
         replace_module(merged, name, layer.as_base())
@@ -134,7 +139,7 @@ def export_adapted(model: nn.Module, out_dir: str | Path, cfg, num_labels: int, 
 
 
 def export_peft_lora(model: nn.Module, out_dir: str | Path, base: nn.Module, base_name: str,
-                     targets: Sequence[str], head: Sequence[str], image: bool = False) -> Path:
+                     targets: Sequence[str], head: Sequence[str], task: str = "classification") -> Path:
     """Save `model`'s LoRA adapters and trained head as a PEFT checkpoint (adapter_config.json and
     adapter_model.safetensors) over `base`, a fresh copy of the pretrained model that the adapters were
     injected into: `peft.PeftModel.from_pretrained(base, out_dir)` then computes the same logits."""
@@ -148,7 +153,8 @@ def export_peft_lora(model: nn.Module, out_dir: str | Path, base: nn.Module, bas
                for _, layer in layers):
         raise ConfigError("these adapters changed the frozen weights or differ in rank: save the model merged instead")
     # PEFT has no image-classification task type: a plain PeftModel passes pixel_values through
-    config = LoraConfig(task_type=None if image else TaskType.SEQ_CLS, r=first.delta.r,
+    task_type = {"image": None, "causal_lm": TaskType.CAUSAL_LM}.get(task, TaskType.SEQ_CLS)
+    config = LoraConfig(task_type=task_type, r=first.delta.r,
                         lora_alpha=first.scaling * first.delta.r, lora_dropout=0.0, target_modules=list(targets),
                         modules_to_save=list(head), base_model_name_or_path=model_path(base_name))
     peft_model = get_peft_model(base, config)

@@ -119,6 +119,13 @@ def _pretrained(hf: str, num_labels: int, seed: int, num_layers: int | None, ima
     return load_classifier(hf, num_labels, seed, num_layers, image)
 
 
+@lru_cache(maxsize=2)
+def _causal_lm(hf: str, seed: int, num_layers: int | None) -> nn.Module:
+    from fedlora.causal import load_causal_lm
+
+    return load_causal_lm(hf, seed, num_layers)
+
+
 def dense_model(cfg) -> nn.Module:
     """The model a run starts from, before any factorization or adapter: drawn from the seed, or a
     pretrained one (read once per process, copied for each model built from it) with a seeded head."""
@@ -128,6 +135,10 @@ def dense_model(cfg) -> nn.Module:
     info, seed = dataset_info(cfg), derive_seed(cfg.seed, "model-init")
     if cfg.adapter is None:
         return build_model(cfg.model.name, info.num_classes, seed)
+    if cfg.model.task == "causal_lm":
+        from fedlora.causal import CausalLM
+
+        return CausalLM(copy.deepcopy(_causal_lm(cfg.model.hf, seed, cfg.model.num_layers)))
     from fedlora.hf import image_classifier
     from fedlora.text import TextClassifier
 

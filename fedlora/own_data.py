@@ -2,7 +2,8 @@
 
 `dataset.path` is one of:
 - a local file: CSV (`.csv`), TSV (`.tsv`), JSON lines (`.jsonl`, `.json`) or Parquet (`.parquet`),
-  which holds one split (`train`): the test split is then a seeded hold-out of it;
+  which holds one split (`train`): the test split is then a hold-out of it (the same rows whatever
+  the run's seed);
 - a local folder: one that `Dataset.save_to_disk` or `DatasetDict.save_to_disk` wrote, or one of
   such files, whose names give the splits as `datasets` reads them (`train.csv`, `test.csv`, ...);
 - a Hugging Face Hub id (`ag_news`, `glue` with `dataset.subset=sst2`), which needs internet.
@@ -79,6 +80,10 @@ def _load(dcfg):
     except DataError:
         raise
     except (ConnectionError, OSError) as e:
+        if local.exists():  # an empty folder, one that datasets finds nothing in
+            raise DataError(f"dataset.path={path} holds nothing that datasets reads ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}): give CSV, TSV, JSON-lines or Parquet files, "
+                            "or a save_to_disk folder") from e
         raise DataError(f"dataset.path={path} is not a local file or folder, and as a Hugging Face Hub id it needs "
                         f"internet ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); give a local "
                         "path, or run where the Hub can be reached") from e
@@ -109,76 +114,130 @@ def _columns(split, columns: list[str], path: str, which: str) -> list[list]:
     return [split[c] for c in columns]
 
 
-def _label_ids(train: list, test: list, feature, path: str, column: str) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """Label ids of both splits and the class names: a ClassLabel's, or the sorted values'."""
+def _label_ids(train: list, test: list, train_feature, test_feature, path: str,
+               column: str) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Label ids of both splits and the class names: a ClassLabel's, or the sorted values' (every
+    test label must be a training one)."""
     import datasets
 
-    if isinstance(feature, datasets.ClassLabel):
-        return np.asarray(train, np.int64), np.asarray(test, np.int64), tuple(feature.names)
-    values = set(train) | set(test)
-    kinds = {type(v) for v in values}
-    if None in values or not (kinds <= {int} or kinds <= {str}):
-        shown = sorted({type(v).__name__ for v in values})
-        raise DataError(f"dataset.path={path}: the label column {column!r} holds {', '.join(shown)} values; labels "
-                        "must be integers or strings (each distinct value a class)")
-    order = sorted(values)
-    index = {v: i for i, v in enumerate(order)}
-    return (np.array([index[v] for v in train], np.int64), np.array([index[v] for v in test], np.int64),
-            tuple(str(v) for v in order))
+    if isinstance(train_feature, datasets.ClassLabel):
+        names = tuple(train_feature.names)
+        if isinstance(test_feature, datasets.ClassLabel) and tuple(test_feature.names) != names:
+            raise DataError(f"dataset.path={path}: the splits' label column {column!r} names its classes differently "
+                            f"({list(names)[:5]} and {list(test_feature.names)[:5]})")
+        y_train, y_test = np.asarray(train, np.int64), np.asarray(test, np.int64)
+        outside = sorted({int(v) for v in y_test if not 0 <= v < len(names)} | {int(v) for v in y_train if v < 0})
+        if outside:
+            raise DataError(f"dataset.path={path}: label {outside[0]} is none of the {len(names)} classes (-1 marks an "
+                            "unlabelled row, as in a Hub data set's test split): choose a labelled test split, e.g. "
+                            "dataset.test_split=validation, or none (a hold-out of the training split)")
+    else:
+        values = set(train) | set(test)
+        kinds = {type(v) for v in values}
+        if None in values or not (kinds <= {int} or kinds <= {str}):
+            shown = sorted({type(v).__name__ for v in values})
+            raise DataError(f"dataset.path={path}: the label column {column!r} holds {', '.join(shown)} values; "
+                            "labels must be integers or strings (each distinct value a class)")
+        unseen = sorted(set(test) - set(train), key=str)
+        if unseen:
+            raise DataError(f"dataset.path={path}: the test split's label {unseen[0]!r} is in no training example, so "
+                            "no model can learn it (an unlabelled test split? choose a labelled one, or none)")
+        order = sorted(values)
+        index = {v: i for i, v in enumerate(order)}
+        names = tuple(str(v) for v in order)
+        y_train = np.array([index[v] for v in train], np.int64)
+        y_test = np.array([index[v] for v in test], np.int64)
+    if len(set(y_train.tolist())) < 2:
+        raise DataError(f"dataset.path={path}: the training labels ({column!r}) hold {len(set(y_train.tolist()))} "
+                        "class; classification needs two or more")
+    return y_train, y_test, names
 
 
-def _holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _holdout(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) rows: the same for every run seed, so that runs of different seeds are
+    tested on the same examples."""
     from fedlora.seeds import derive_seed
 
     held = max(1, round(fraction * n))
-    order = np.random.default_rng(derive_seed(seed, "test-holdout")).permutation(n)
+    order = np.random.default_rng(derive_seed("test-holdout")).permutation(n)
     return np.sort(order[held:]), np.sort(order[:held])
+
+
+def _texts(split, columns: list[str], path: str, which: str, optional: str | None = None) -> list[list]:
+    """The columns of a split, each row's text checked (`optional`: a column that may be missing or
+    hold nulls, as an instruction's input)."""
+    present = [c for c in columns if c != optional or c in split.column_names]
+    values = dict(zip(present, _columns(split, present, path, which)))
+    n = len(split)
+    if optional is not None:
+        values[optional] = [v or "" for v in values.get(optional, [""] * n)]
+    for column, col in values.items():
+        bad = next((i for i, v in enumerate(col) if not isinstance(v, str)), None)
+        if bad is not None:
+            raise DataError(f"dataset.path={path}, split '{which}', row {bad}: the column {column!r} holds "
+                            f"{type(col[bad]).__name__} {col[bad]!r}, not text")
+    return [values[c] for c in columns]
 
 
 @lru_cache(maxsize=4)
 def _read(key: str) -> OwnData:
-    spec = json.loads(key)
     from omegaconf import OmegaConf
 
+    from fedlora.causal import prompt
+
+    spec = json.loads(key)
     dcfg = OmegaConf.create(spec["dataset"])
-    path, columns = str(dcfg.path), _text_columns(dcfg)
+    path, causal = str(dcfg.path), spec["task"] == "causal_lm"
     ds = _load(dcfg)
+
+    def columns_of(split, which: str) -> list[list]:
+        """causal_lm: [prompts, responses]; else the text column(s) and the labels."""
+        if causal:
+            instruction, given, response = _texts(split, [dcfg.instruction, dcfg.input, dcfg.response], path, which,
+                                                  optional=dcfg.input)
+            return [[prompt(i, g, dcfg.template) for i, g in zip(instruction, given)], response]
+        return _texts(split, _text_columns(dcfg), path, which) + _columns(split, [dcfg.label], path, which)
+
     train = _split(ds, dcfg.train_split, path)
-    label = str(dcfg.label)
+    train_cols = columns_of(train, dcfg.train_split)
     if dcfg.test_split is not None:
         test = _split(ds, dcfg.test_split, path)
-        train_cols = _columns(train, columns + [label], path, dcfg.train_split)
-        test_cols = _columns(test, columns + [label], path, dcfg.test_split)
-    else:  # a seeded hold-out of the training split
-        cols = _columns(train, columns + [label], path, dcfg.train_split)
-        if len(cols[0]) < 2:
-            raise DataError(f"dataset.path={path}: split '{dcfg.train_split}' has {len(cols[0])} examples, too few "
-                            "to hold some out for testing")
-        keep, held = _holdout(len(cols[0]), float(dcfg.test_fraction), int(spec["seed"]))
-        train_cols = [[c[i] for i in keep] for c in cols]
-        test_cols = [[c[i] for i in held] for c in cols]
+        test_cols = columns_of(test, dcfg.test_split)
+    else:  # a hold-out of the training split
+        test = train
+        if len(train_cols[0]) < 2:
+            raise DataError(f"dataset.path={path}: split '{dcfg.train_split}' has {len(train_cols[0])} examples, too "
+                            "few to hold some out for testing")
+        keep, held = _holdout(len(train_cols[0]), float(dcfg.test_fraction))
+        train_cols, test_cols = [[c[i] for i in keep] for c in train_cols], [[c[i] for i in held] for c in train_cols]
     for name, cols in ((dcfg.train_split, train_cols), (dcfg.test_split or "held-out", test_cols)):
         if not cols[0]:
             raise DataError(f"dataset.path={path}: split '{name}' is empty")
-        for column, values in zip(columns, cols):
-            bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
-            if bad is not None:
-                raise DataError(f"dataset.path={path}, split '{name}', row {bad}: the text column {column!r} holds "
-                                f"{type(values[bad]).__name__} {values[bad]!r}, not text")
-    y_train, y_test, names = _label_ids(train_cols[-1], test_cols[-1], train.features[label], path, label)
+    if causal:  # one class: partitions and histograms see every example alike
+        return OwnData(tuple(tuple(c) for c in train_cols), np.zeros(len(train_cols[0]), np.int64),
+                       tuple(tuple(c) for c in test_cols), np.zeros(len(test_cols[0]), np.int64), ("text",),
+                       _source(path, key))
+    label = str(dcfg.label)
+    y_train, y_test, names = _label_ids(train_cols[-1], test_cols[-1], train.features[label],
+                                        test.features[label], path, label)
+    return OwnData(tuple(tuple(c) for c in train_cols[:-1]), y_train, tuple(tuple(c) for c in test_cols[:-1]),
+                   y_test, names, _source(path, key))
+
+
+def _source(path: str, key: str) -> str:
+    """A name of what was read: the local files' paths, sizes and times, or the Hub id; with `key`."""
     local = Path(path)
     if local.exists():
         files = sorted(p for p in ([local] if local.is_file() else local.rglob("*")) if p.is_file())
         source = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     else:
         source = path
-    return OwnData(tuple(tuple(c) for c in train_cols[:-1]), y_train, tuple(tuple(c) for c in test_cols[:-1]),
-                   y_test, names, hashlib.sha256((source + key).encode()).hexdigest()[:20])
+    return hashlib.sha256((source + key).encode()).hexdigest()[:20]
 
 
 def read_own(cfg) -> OwnData:
     """The run's own data set, read once per process and config."""
     from omegaconf import OmegaConf
 
-    return _read(json.dumps({"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "seed": cfg.seed},
-                            sort_keys=True))
+    return _read(json.dumps({"dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+                             "task": cfg.model.get("task", "classification")}, sort_keys=True))

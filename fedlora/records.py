@@ -7,12 +7,13 @@ so an interrupted run keeps everything it measured.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -122,15 +123,16 @@ class RunRecorder:
         self._board.add_scalar("test/accuracy_vs_uplink_kB", row["test_accuracy"], row["cum_bytes_up"] // 1000)
         self._board.flush()
 
-    def checkpoint(self, server_round: int, arrays):
-        """The checkpoint after `server_round` (`fedlora.checkpoint`): the global arrays, the ledger's
-        totals and the records so far."""
+    def checkpoint(self, server_round: int, arrays) -> Callable[[], Any]:
+        """The checkpoint after `server_round` (`fedlora.checkpoint`), built when called: the global
+        arrays, and the ledger's totals and the records as they are now, as `server_round` ends (a
+        checkpoint that is not due yet is written later, when the next round may have changed them)."""
         from fedlora.checkpoint import Checkpoint
 
-        return Checkpoint(round=server_round, arrays={k: a.numpy() for k, a in arrays.items()},
-                          total_up=self.ledger.total_up, total_down=self.ledger.total_down,
-                          seconds=round(time.time() - self.started, 3), initial=dict(self.initial),
-                          rounds=list(self.rounds), extra=dict(self.extra))
+        now = dict(round=server_round, total_up=self.ledger.total_up, total_down=self.ledger.total_down,
+                   seconds=round(time.time() - self.started, 3), initial=dict(self.initial), rounds=list(self.rounds),
+                   extra=copy.deepcopy(self.extra))
+        return lambda: Checkpoint(arrays={k: a.numpy() for k, a in arrays.items()}, **now)
 
     def summary(self, status: str, error: str | None = None) -> dict[str, Any]:
         finite = [r for r in self.rounds if math.isfinite(r["test_accuracy"])]

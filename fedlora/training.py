@@ -23,6 +23,24 @@ def batch_order(n: int, batch_size: int, epochs: int, seed: int, steps: int | No
     return batches[:steps] if steps is not None else batches
 
 
+def scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(summed loss, correct predictions, predictions) of a batch: a classifier predicts one label an
+    example; a causal LM (`fedlora.causal.CausalLM`) each target token."""
+    own = getattr(model, "scores", None)
+    if own is not None:
+        return own(x, y)
+    out = model(x)
+    return nn.functional.cross_entropy(out, y, reduction="sum"), int((out.argmax(1) == y).sum()), len(y)
+
+
+def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The loss a step descends, and over how many predictions it is the mean."""
+    if getattr(model, "scores", None) is not None:
+        loss_sum, _, n = model.scores(x, y)
+        return loss_sum / max(n, 1), n
+    return nn.functional.cross_entropy(model(x), y), len(y)
+
+
 def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, local, seed: int,
                 device: torch.device | None = None, dp=None) -> float:
     """SGD or AdamW over (x, y) as the `local` config says (`local.epochs` passes, or `local.steps`
@@ -36,7 +54,6 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, local, seed:
         opt = torch.optim.AdamW(params, lr=local.lr, weight_decay=local.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=local.lr, momentum=local.momentum, weight_decay=local.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
     total, count = 0.0, 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -46,17 +63,17 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, local, seed:
             g = torch.Generator().manual_seed(seed)
             for _ in range(dp.steps):
                 idx = (torch.rand(len(y), generator=g) < dp.sample_rate).nonzero().flatten()
-                total += dp_step(model, x[idx].to(device), y[idx].to(device), dp, g)
-                count += len(idx)
+                loss_sum, n = dp_step(model, x[idx].to(device), y[idx].to(device), dp, g)
+                total, count = total + loss_sum, count + n
                 opt.step()
         for idx in batch_order(len(y), local.batch_size, local.epochs, seed, local.get("steps")) if dp is None else ():
             xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
+            loss, n = mean_loss(model, xb, yb)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
+            total += loss.item() * n
+            count += n
     # A diverged run returns a non-finite loss and weights; the server's reply validation rejects them.
     return total / max(count, 1)
 
@@ -64,14 +81,14 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, local, seed:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
              device: torch.device | None = None) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of the model on (x, y)."""
+    """(accuracy, mean cross-entropy) of the model on (x, y): per example, or per target token (a
+    causal LM)."""
     device = device or pick_device()
     model.to(device).eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, count = 0.0, 0, 0
     for start in range(0, len(y), batch_size):
         xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
-        out = model(xb)
-        loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
-        correct += (out.argmax(1) == yb).sum().item()
-    n = max(len(y), 1)
+        batch_loss, batch_correct, n = scores(model, xb, yb)
+        loss_sum, correct, count = loss_sum + batch_loss.item(), correct + batch_correct, count + n
+    n = max(count, 1)
     return correct / n, loss_sum / n

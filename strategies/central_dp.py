@@ -1,19 +1,21 @@
 """Central differential privacy with server-side fixed clipping (DP-FedAvg: McMahan et al., 2018;
 Andrew et al., 2021), as a wrapper around the strategy, in the shape of Flower's
-`DifferentialPrivacyServerSideFixedClipping`, with its helpers for the clipping and the noise's scale.
+`DifferentialPrivacyServerSideFixedClipping`, with its helper for the noise's scale.
 
 Each valid reply's update (what it sent minus what the round started from, over every array that
-travels up) is clipped to norm C; the replies are averaged with equal weights (the accounting holds
-for uniform averaging only: with example weights one client's share, and so its sensitivity, could
-be larger than 1/m); Gaussian noise of standard deviation σ C / m is added to the average of the m
-replies aggregated. What the server does with the noised average afterwards (FedMUD's fold, the
+travels up) is clipped to norm C; the clipped updates are summed with equal weights and divided by
+n = clients_per_round, the number of clients sampled (the mean when all of them replied; the
+accounting holds for this uniform, fixed-denominator average only: with example weights one client's
+share, and so its sensitivity, could be larger than 1/n, and with the number of replies as divisor it
+would depend on who replied); Gaussian noise of standard deviation σ C / n is added. What the server does with the noised average afterwards (FedMUD's fold, the
 broadcast, clamping BatchNorm's running variances at 0) is post-processing and costs no privacy.
 
 Why not Flower's class itself: it pairs a reply's arrays with the global model's by position (here a
 reply carries what the method sends up, a part of the global state), noises everything its inner
 strategy returns (here the global state, the frozen weights of FedMUD or FLoRA too), draws its noise
 from NumPy's global generator (here it is drawn from the run seed and the round, so that a resumed
-run is the run never stopped), and gives up a round when fewer replies came than were sampled.
+run is the run never stopped), and gives up a round when fewer replies came than were sampled; and
+its clipping divides by the update's norm, which is 0 for a client that sent back what it received.
 
 Privacy is counted per round released, as Flower's fixed-clipping accountant counts it: a Gaussian
 mechanism with noise multiplier σ and no amplification by the sampling of clients (each round's
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
+from flwr.supercore.differential_privacy import compute_stdv
 
 from fedlora.seeds import cpu_generator, derive_seed
 from strategies.strategy import MethodStrategy
@@ -48,8 +50,8 @@ class ServerSideFixedClipping:
         self.strategy = strategy
         self.noise_multiplier, self.clipping_norm, self.seed = noise_multiplier, clipping_norm, seed
         strategy.uniform = True
-        self._clipped: set[int] = set()
-        self.clipped_fraction = 0.0  # of the last round's aggregated updates, how many were longer than C
+        self._clipped: set[int] = set()  # the partitions whose reply of this round is clipped already
+        self._long = 0  # of those, how many were longer than C
 
     def __getattr__(self, name: str):  # what DP does not change: the strategy's own
         return getattr(self.strategy, name)
@@ -67,35 +69,38 @@ class ServerSideFixedClipping:
         for pid, reply in self.strategy.accepted.items():
             if pid in self._clipped:
                 continue
-            keys = list(reply.arrays)
-            sent = [start[k] for k in keys]
-            arrays = [np.array(reply.arrays[k], copy=True) for k in keys]
-            norm = float(np.sqrt(sum(np.sum((a.astype(np.float64) - s) ** 2) for a, s in zip(arrays, sent))))
-            compute_clip_model_update(arrays, sent, self.clipping_norm)
-            reply.arrays = dict(zip(keys, arrays))
-            self._long += norm > self.clipping_norm
+            updates = {k: a.astype(np.float64) - start[k] for k, a in reply.arrays.items()}
+            norm = float(np.sqrt(sum(float(np.sum(u * u)) for u in updates.values())))
+            if norm > self.clipping_norm:  # an update of norm 0 (a client sent back what it got) stays as it is
+                scale = self.clipping_norm / norm
+                reply.arrays = {k: (start[k] + u * scale).astype(reply.arrays[k].dtype) for k, u in updates.items()}
+                self._long += 1
             self._clipped.add(pid)
         return valid
 
     def finish_train(self, server_round: int) -> tuple[ArrayRecord, MetricRecord]:
-        """The strategy's uniform average of the clipped updates, with noise N(0, (σ C / m)²) added to
-        every array that travelled up; a round that aggregated nothing released nothing."""
-        arrays, metrics = self.strategy.finish_train(server_round)
-        m = int(metrics["num-clients"])
+        """The sum of the m clipped updates over n = clients_per_round (the mean when all n replied;
+        fewer count as zero updates, so that one client's sensitivity is C / n whoever replied), with
+        noise N(0, (σ C / n)²) added to every array that travelled up; a round that aggregated nothing
+        released nothing."""
+        arrays, metrics = self.strategy.finish_train(server_round)  # the start plus the uniform mean
+        m, n = int(metrics["num-clients"]), self.strategy.clients_per_round
         metrics["dp-released"] = int(m > 0)
         if m:
-            std = compute_stdv(self.noise_multiplier, self.clipping_norm, m)
+            std = compute_stdv(self.noise_multiplier, self.clipping_norm, n)
             gen = cpu_generator(derive_seed(self.seed, "central-dp", server_round))
             state = self.strategy.model.state_dict()
             with torch.no_grad():
-                for key in self.strategy.round_start():
+                for key, start in self.strategy.round_start().items():
                     t = state[key]
-                    t.add_(torch.normal(0.0, std, tuple(t.shape), generator=gen).to(t.dtype))
+                    mean = t.double() - start.double()
+                    noise = torch.normal(0.0, std, tuple(t.shape), generator=gen, dtype=torch.float64)
+                    t.copy_((start.double() + mean * (m / n) + noise).to(t.dtype))
                     if key.endswith("running_var"):  # post-processing: a variance is not negative
                         t.clamp_(min=0.0)
             metrics["dp-clipped"] = self._long / m
-            log.info("round %d: central DP noise of std %.4g on the average of %d clipped updates (%d of them "
-                     "longer than C=%g)", server_round, std, m, self._long, self.clipping_norm)
+            log.info("round %d: central DP noise of std %.4g on the sum of %d clipped updates over %d (%d of them "
+                     "longer than C=%g)", server_round, std, m, n, self._long, self.clipping_norm)
             arrays = self.strategy.global_arrays()
         return arrays, metrics
 

@@ -9,6 +9,7 @@ or `config-name` and `overrides` (Hydra overrides as on fedlora-sim's command li
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 import signal
 import threading
@@ -261,6 +262,8 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
             strategy.aggregate_broadcast(rnd, grid.send_and_receive(strategy.configure_broadcast(rnd), timeout=timeout))
         scores = evaluate_global(rnd, arrays)
         row = method.round_figures()  # what the method measures of its own aggregation
+        if cfg.model.task == "causal_lm":  # accuracy is per target token there; perplexity beside it
+            row["test_perplexity"] = math.exp(min(scores["loss"], 700.0))
         if row:
             log.info("round %d: %s", rnd, ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
         if cfg.eval.clients:  # its messages counted apart: evaluation is not what the method costs
@@ -289,7 +292,7 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
             "round_seconds": round(time.time() - started, 3),
         } | dp_figures | row)
         if checkpointer is not None:  # built only when written
-            checkpointer.after_round(rnd, lambda rnd=rnd, arrays=arrays: recorder.checkpoint(rnd, arrays),
+            checkpointer.after_round(rnd, recorder.checkpoint(rnd, arrays),
                                      time.time() - started, last=rnd == cfg.num_rounds)
     if cfg.adapter is not None:  # the fine-tuned global model (as last evaluated), loadable without fedlora
         out = export_adapted(evaluate_global.model, recorder.dir / "adapter", cfg,

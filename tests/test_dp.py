@@ -94,7 +94,7 @@ def test_a_short_run_under_dp_counts_each_clients_epsilon_within_the_budget(pres
 
 
 # --- central DP (dp.where=server): strategies/central_dp.py --------------------------------------------
-def central_round(cfg, sigma, clip, perturbations):
+def central_round(cfg, sigma, clip, perturbations, failed=()):
     """A FedAvg round through ServerSideFixedClipping: each reply is the round's start plus
     `perturbations[k]` times a fixed random direction; returns (start, replies' arrays, new global)."""
     from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -112,12 +112,18 @@ def central_round(cfg, sigma, clip, perturbations):
     start = {k: t.numpy().copy() for k, t in inner.round_start().items()}
     gen = np.random.default_rng(0)
     sent = []
-    for msg, scale in zip(messages, perturbations):
+    for i, (msg, scale) in enumerate(zip(messages, perturbations)):
+        if i in failed:  # the client's error, not a reply
+            from flwr.app import Error
+
+            strategy.accept(1, [Message(Error(code=0, reason="crashed"), reply_to=msg)])
+            sent.append(None)
+            continue
         direction = {k: gen.standard_normal(a.shape).astype(a.dtype) for k, a in start.items()}
         norm = np.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in direction.values()))
         arrays = {k: (start[k] + d * (scale / norm)).astype(start[k].dtype) for k, d in direction.items()}
         sent.append(arrays)
-        n = 10 * (len(sent))  # unequal examples: central DP weighs the replies alike all the same
+        n = 10 * len(sent)  # unequal examples: central DP weighs the replies alike all the same
         content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                               "metrics": MetricRecord({"num-examples": n, "train_loss": 0.5})})
         strategy.accept(1, [Message(content, reply_to=msg)])
@@ -136,7 +142,15 @@ def test_central_dp_without_noise_is_the_uniform_mean_of_the_updates_clipped_to_
     assert metrics["dp-clipped"] == pytest.approx(2 / 3)  # two of the three updates were longer than C
 
 
-def test_central_dp_noise_has_std_sigma_c_over_m_and_is_drawn_from_the_seed():
+def test_central_dp_divides_by_the_clients_sampled_and_keeps_a_zero_update():
+    cfg = resolve(compose(["num_clients=6", "clients_per_round=3"]))
+    start, sent, new, metrics = central_round(cfg, 0.0, 1.0, [0.0, 2.0, 0.5], failed=(2,))
+    for key in start:  # (0 + the second update clipped to norm 1 + nothing) / 3
+        np.testing.assert_allclose(new[key], start[key] + (sent[1][key] - start[key]) * 0.5 / 3, atol=1e-6)
+    assert metrics["num-clients"] == 2 and metrics["dp-clipped"] == 0.5
+
+
+def test_central_dp_noise_has_std_sigma_c_over_n_and_is_drawn_from_the_seed():
     cfg = resolve(compose(["num_clients=6", "clients_per_round=3"]))
     _, _, plain, _ = central_round(cfg, 0.0, 0.5, [0.1, 0.2, 0.3])
     _, _, noised, _ = central_round(cfg, 3.0, 0.5, [0.1, 0.2, 0.3])
@@ -157,6 +171,7 @@ def test_central_dp_counts_each_round_as_a_gaussian_release_and_finds_sigma_for_
     spent = [ledger.released(1) for _ in range(10)]
     assert spent == sorted(spent) and 2.7 < spent[-1] <= 3.0
     assert ledger.released(0) == spent[-1]  # a round that aggregated nothing released nothing
+    assert CentralLedger(cfg, {}).released(0) == 0.0
     assert central_noise(resolve(compose(["dp.where=server", "dp.epsilon=3", "num_rounds=40"]))) > sigma
 
 
@@ -164,6 +179,7 @@ def test_central_dp_counts_each_round_as_a_gaussian_release_and_finds_sigma_for_
     (["dp.where=server", "dp.epsilon=3"] + TINY_TEXT + ["method=flora"], "method=flora combines the replies otherwise"),
     (["dp.where=server", "dp.epsilon=3"] + TINY_TEXT + ["method=fed_sb"], "use dp.where=client, or one of the methods"),
     (["dp.where=everywhere", "dp.epsilon=3"], "dp.where must be client"),
+    (["dp.where=server", "dp.epsilon=3", "too_few=retry", "min_replies=2"], "use too_few=keep"),
 ])
 def test_central_dp_refuses_methods_that_do_not_average(overrides, message):
     from fedlora.config import validate

@@ -110,6 +110,6 @@ def test_image_peft_export_round_trip_gives_the_same_logits(tiny_vit, tmp_path):
     pixels = torch.randn(2, 3, 32, 32)
     ours = hf.eval()(pixel_values=pixels).logits
     export_peft_lora(hf, tmp_path, load_classifier(tiny_vit, 10, seed=0, image=True), tiny_vit, ["q_proj", "v_proj"],
-                     ["classifier"], image=True)
+                     ["classifier"], task="image")
     loaded = PeftModel.from_pretrained(load_classifier(tiny_vit, 10, seed=5, image=True), str(tmp_path)).eval()
     assert torch.allclose(ours, loaded(pixel_values=pixels).logits, atol=1e-5)

@@ -101,6 +101,14 @@ def test_a_resume_may_add_rounds_and_change_how_it_runs_and_nothing_else(tmp_pat
         resolve(compose(overrides + ["checkpoint.every=-1"]))
 
 
+def test_a_run_under_a_dp_budget_resumes_to_its_own_rounds_only(tmp_path):
+    """Its σ was found for dp.epsilon over its num_rounds: more rounds would overspend."""
+    _stopped_run(tmp_path, SMALL + ["method=fedavg", "dp.where=server", "dp.epsilon=3", "num_rounds=4"], after=1)
+    assert resumed_config(tmp_path, [])[0].num_rounds == 4  # an interrupted run goes on to its end
+    with pytest.raises(ConfigError, match=r"found for dp.epsilon=3.0 over its num_rounds=4; more rounds would spend"):
+        resumed_config(tmp_path, ["num_rounds=6"])
+
+
 def test_flwr_run_resumes_through_its_run_config(tmp_path):
     """Under `flwr run` a resume is an override in the run config: the ServerApp runs the run's own
     config, and refuses an override that changes it."""

@@ -30,7 +30,7 @@ from fedlora.errors import ConfigError
 from fedlora.methods.base import AdapterMethod, MethodConfig, trained_keys
 from fedlora.methods.registry import register_method
 from fedlora.parametrizations.base import delta_key, delta_layers
-from fedlora.training import batch_order, pick_device
+from fedlora.training import batch_order, pick_device, scores
 
 FRAMES = ("lora_B", "lora_A")
 
@@ -79,7 +79,7 @@ class FedSB(AdapterMethod):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 for idx in rows.split(self.cfg.local.batch_size):
-                    loss = nn.functional.cross_entropy(model(x[idx].to(device)), y[idx].to(device), reduction="sum")
+                    loss = scores(model, x[idx].to(device), y[idx].to(device))[0]  # summed
                     loss.backward()
                     total += loss.item()
             grads = {f"{name}.weight": layer.weight.grad.detach().cpu().clone() for name, layer in layers}
