@@ -13,8 +13,6 @@ target tokens predicted exactly (greedy), and the held-out perplexity is exp(los
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlora.errors import ConfigError
+from fedlora.text import TextClassifier, cached_tokens, load_tokenizer
 
 # Alpaca's two prompts (Taori et al. 2023): with an input, and without one
 ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -40,64 +39,36 @@ def prompt(instruction: str, given: str, template: str | None) -> str:
     return template.format(instruction=instruction, input=given)
 
 
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load the tokenizer of model '{path}': {str(e).splitlines()[0]}") from e
-    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    if end is None:
-        raise ConfigError(f"the tokenizer of model '{path}' has no end-of-text token (eos_token): a causal LM's "
-                          "response needs one to end")
-    return tokenizer, end
-
-
 def tokenize_instructions(prompts: list[str], responses: list[str], tokenizer_path: str, max_length: int,
                           cache_dir: str | Path | None = None, source: str | None = None) -> np.ndarray:
     """(N, 3, max_length) int64: ids of prompt + response + end token, the attention mask, and the
     target mask (response and end token), cut at max_length and padded on the right; cached under a
-    key of `source`, the tokenizer's files and max_length."""
-    key = None
-    if cache_dir is not None:
-        tok_files = sorted(str(p) for p in Path(tokenizer_path).glob("*token*")) if Path(tokenizer_path).is_dir() else []
-        what = source or [prompts, responses]
-        key = hashlib.sha256(json.dumps(["causal", what, tokenizer_path, tok_files, max_length]).encode()).hexdigest()[:20]
-        cached = Path(cache_dir) / f"tokens-{key}.npy"
-        if cached.is_file():
-            return np.load(cached)
-    tokenizer, end = load_tokenizer(tokenizer_path)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
-    out = np.zeros((len(prompts), 3, max_length), np.int64)
-    out[:, 0] = pad
-    heads = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    tails = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    for i, (head, tail) in enumerate(zip(heads, tails)):
-        ids = (list(head) + list(tail) + [end])[:max_length]
-        out[i, 0, :len(ids)] = ids
-        out[i, 1, :len(ids)] = 1
-        out[i, 2, len(head):len(ids)] = 1  # the response and the end token, as far as they fit
-    if key is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(cache_dir) / f"tokens-{key}.tmp.npy"
-        np.save(tmp, out)
-        tmp.replace(Path(cache_dir) / f"tokens-{key}.npy")
-    return out
+    key of `source` (or the texts)."""
+
+    def make() -> np.ndarray:
+        tokenizer = load_tokenizer(tokenizer_path)
+        end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        if end is None:
+            raise ConfigError(f"the tokenizer of model '{tokenizer_path}' has no end-of-text token (eos_token): a "
+                              "causal LM's response needs one to end")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+        out = np.zeros((len(prompts), 3, max_length), np.int64)
+        out[:, 0] = pad
+        heads = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        tails = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+        for i, (head, tail) in enumerate(zip(heads, tails)):
+            ids = (list(head) + list(tail) + [end])[:max_length]
+            out[i, 0, :len(ids)] = ids
+            out[i, 1, :len(ids)] = 1
+            out[i, 2, len(head):len(ids)] = 1  # the response and the end token, as far as they fit
+        return out
+
+    return cached_tokens(["causal", source or [prompts, responses]], tokenizer_path, max_length, cache_dir, make)
 
 
-class CausalLM(nn.Module):
-    """A Hugging Face causal LM that takes (B, 3, L) batches of ids, attention and target masks."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The next-token logits (B, L', vocabulary), L' the batch's longest example."""
-        longest = int(x[:, 1].sum(dim=1).max())  # padding is on the right: later columns change nothing
-        x = x[:, :, :max(longest, 1)]
-        return self.model(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+class CausalLM(TextClassifier):
+    """A Hugging Face causal LM that takes (B, 3, L) batches of ids, attention and target masks; its
+    forward gives the next-token logits (B, L', vocabulary), L' the batch's longest example."""
 
     def scores(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
         """(summed cross-entropy of the target tokens, how many of them the model predicts exactly,

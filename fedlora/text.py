@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,43 +40,57 @@ def read_agnews(root: str | Path, split: str) -> tuple[list[str], np.ndarray]:
     return texts, np.array(labels, dtype=np.int64)
 
 
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the tokenizer of model '{path}': {str(e).splitlines()[0]}") from e
+
+
+def cached_tokens(what, tokenizer_path: str, max_length: int, cache_dir: str | Path | None,
+                  make: Callable[[], np.ndarray]) -> np.ndarray:
+    """`make()`'s tokens, cached in `cache_dir` (when given) under a key of `what` (what the texts
+    are), the tokenizer's files and max_length; written aside, then renamed."""
+    if cache_dir is None:
+        return make()
+    tok_files = sorted(str(p) for p in Path(tokenizer_path).glob("*token*")) if Path(tokenizer_path).is_dir() else []
+    key = hashlib.sha256(json.dumps([what, tokenizer_path, tok_files, max_length]).encode()).hexdigest()[:20]
+    cached = Path(cache_dir) / f"tokens-{key}.npy"
+    if cached.is_file():
+        return np.load(cached)
+    tokens = make()
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(cache_dir) / f"tokens-{key}.tmp.npy"
+    np.save(tmp, tokens)
+    tmp.replace(cached)
+    return tokens
+
+
 def tokenize(texts: list[str], tokenizer_path: str, max_length: int, cache_dir: str | Path | None = None,
              source: Path | str | None = None, pairs: list[str] | None = None) -> np.ndarray:
     """Token ids and attention masks, (N, 2, max_length) int64, of the texts (with `pairs`, of each
     text and its pair, as the tokenizer joins sentence pairs). With `cache_dir`, cached under a key of
-    the texts' source file (or a string that names them, or the texts themselves), the tokenizer's
-    files and max_length."""
-    key = None
-    if cache_dir is not None:
-        if isinstance(source, Path):
-            what = [str(source.resolve()), source.stat().st_size, source.stat().st_mtime_ns]
-        else:
-            what = source or [texts, pairs]
-        tok_files = sorted(str(p) for p in Path(tokenizer_path).glob("*token*")) if Path(tokenizer_path).is_dir() else []
-        key = hashlib.sha256(json.dumps([what, tokenizer_path, tok_files, max_length]).encode()).hexdigest()[:20]
-        cached = Path(cache_dir) / f"tokens-{key}.npy"
-        if cached.is_file():
-            return np.load(cached)
-    from transformers import AutoTokenizer
+    the texts' source file (or a string that names them, or the texts themselves)."""
+    if isinstance(source, Path):
+        what = [str(source.resolve()), source.stat().st_size, source.stat().st_mtime_ns]
+    else:
+        what = source or [texts, pairs]
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load the tokenizer of model '{tokenizer_path}': {str(e).splitlines()[0]}") from e
-    tokenizer.padding_side = "right"  # TextClassifier drops the padding columns at the end
-    enc = tokenizer(list(texts), list(pairs) if pairs is not None else None, max_length=max_length,
-                    padding="max_length", truncation=True, return_tensors="np")
-    tokens = np.stack([enc["input_ids"], enc["attention_mask"]], axis=1).astype(np.int64)
-    if key is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(cache_dir) / f"tokens-{key}.tmp.npy"
-        np.save(tmp, tokens)
-        tmp.replace(Path(cache_dir) / f"tokens-{key}.npy")
-    return tokens
+    def make() -> np.ndarray:
+        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer.padding_side = "right"  # TextClassifier drops the padding columns at the end
+        enc = tokenizer(list(texts), list(pairs) if pairs is not None else None, max_length=max_length,
+                        padding="max_length", truncation=True, return_tensors="np")
+        return np.stack([enc["input_ids"], enc["attention_mask"]], axis=1).astype(np.int64)
+
+    return cached_tokens(what, tokenizer_path, max_length, cache_dir, make)
 
 
 class TextClassifier(nn.Module):
-    """A Hugging Face sequence classifier that takes (B, 2, L) batches of ids and masks."""
+    """A Hugging Face sequence classifier that takes (B, 2, L) batches of ids and masks (and further
+    rows after them: `fedlora.causal.CausalLM`'s target masks)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
