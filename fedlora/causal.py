@@ -52,15 +52,28 @@ def tokenize_instructions(prompts: list[str], responses: list[str], tokenizer_pa
             raise ConfigError(f"the tokenizer of model '{tokenizer_path}' has no end-of-text token (eos_token): a "
                               "causal LM's response needs one to end")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+        closing = {end, tokenizer.sep_token_id} - {None}
+
+        def ids_of(texts: list[str]) -> list[list[int]]:
+            """As a user's `tokenizer(text)` gives them (a leading BOS where the model has one), without a
+            closing end or separator token."""
+            out = []
+            for ids in tokenizer(list(texts))["input_ids"]:
+                while ids and ids[-1] in closing:
+                    ids = ids[:-1]
+                out.append(list(ids))
+            return out
+
+        # prompt and response tokenized together, as they are read; the prompt's own tokens say where
+        # the response begins
+        heads, wholes = ids_of(prompts), ids_of([p + r for p, r in zip(prompts, responses)])
         out = np.zeros((len(prompts), 3, max_length), np.int64)
         out[:, 0] = pad
-        heads = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        tails = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-        for i, (head, tail) in enumerate(zip(heads, tails)):
-            ids = (list(head) + list(tail) + [end])[:max_length]
+        for i, (head, whole) in enumerate(zip(heads, wholes)):
+            ids = (whole + [end])[:max_length]
             out[i, 0, :len(ids)] = ids
             out[i, 1, :len(ids)] = 1
-            out[i, 2, len(head):len(ids)] = 1  # the response and the end token, as far as they fit
+            out[i, 2, min(len(head), len(ids)):len(ids)] = 1  # the response and the end token, as far as they fit
         return out
 
     return cached_tokens(["causal", source or [prompts, responses]], tokenizer_path, max_length, cache_dir, make)
@@ -70,16 +83,22 @@ class CausalLM(TextClassifier):
     """A Hugging Face causal LM that takes (B, 3, L) batches of ids, attention and target masks; its
     forward gives the next-token logits (B, L', vocabulary), L' the batch's longest example."""
 
+    chunk = 8
+
     def scores(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
         """(summed cross-entropy of the target tokens, how many of them the model predicts exactly,
-        how many there are): position t's logits predict token t + 1."""
-        logits = self(x)
-        length = logits.shape[1]
-        ids, targets = x[:, 0, 1:length], x[:, 2, 1:length].bool()
-        predicted = logits[:, :-1]
-        loss = F.cross_entropy(predicted[targets], ids[targets], reduction="sum")
-        correct = int((predicted[targets].argmax(-1) == ids[targets]).sum())
-        return loss, correct, int(targets.sum())
+        how many there are): position t's logits predict token t + 1. Computed `chunk` examples at a
+        time: a vocabulary's logits for a whole evaluation batch would not fit in memory."""
+        loss, correct, count = 0.0, 0, 0
+        for part in x.split(self.chunk):
+            logits = self(part)
+            length = logits.shape[1]
+            ids, targets = part[:, 0, 1:length], part[:, 2, 1:length].bool()
+            predicted = logits[:, :-1][targets]
+            loss = loss + F.cross_entropy(predicted, ids[targets], reduction="sum")
+            correct += int((predicted.argmax(-1) == ids[targets]).sum())
+            count += int(targets.sum())
+        return loss, correct, count
 
 
 def load_causal_lm(name: str, seed: int, num_layers: int | None = None) -> nn.Module:
@@ -94,7 +113,25 @@ def load_causal_lm(name: str, seed: int, num_layers: int | None = None) -> nn.Mo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return AutoModelForCausalLM.from_pretrained(model_path(name), **extra)
+            # float32, as the adapters are (a checkpoint in bf16 would otherwise load as bf16)
+            model = AutoModelForCausalLM.from_pretrained(model_path(name), dtype=torch.float32, **extra)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load model '{name}' as a causal LM: {str(e).splitlines()[0]} (offline, give "
                               "model.hf a local folder)") from e
+    check_causal(model, name)
+    return model
+
+
+def check_causal(model: nn.Module, name: str) -> None:
+    """ConfigError unless a token's logits depend on the tokens before it only: an encoder (BERT,
+    MiniLM) loaded as a language model sees the token it is to predict."""
+    vocab = int(model.config.vocab_size)
+    ids = torch.arange(8).remainder(vocab)[None] + 1
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % vocab
+    with torch.no_grad():
+        before, after = (model(input_ids=t).logits[0, :-1] for t in (ids, changed))
+    if not torch.allclose(before, after, atol=1e-5):
+        raise ConfigError(f"model '{name}' is not causal: its predictions at a position change with the tokens after "
+                          "it (an encoder such as BERT or MiniLM); model.task=causal_lm needs a decoder (GPT-2, Llama, "
+                          "Qwen, SmolLM, ...)")

@@ -234,15 +234,19 @@ def _validate_dataset(cfg: DictConfig) -> None:
     if d.test_split is None and not 0 < d.test_fraction < 1:
         raise ConfigError(f"dataset.test_fraction must be in (0, 1) (got {d.test_fraction})")
     if d.template is not None:
+        import string
+
         try:
-            d.template.format(instruction="", input="")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(f"dataset.template may hold {{instruction}} and {{input}} and nothing else in braces "
-                              f"(got {d.template!r}: {type(e).__name__} {e})") from e
+            fields = {f for _, f, _, _ in string.Formatter().parse(d.template) if f is not None}
+        except ValueError as e:
+            fields = {f"({e})"}
+        if not fields <= {"instruction", "input"} or "instruction" not in fields:
+            raise ConfigError(f"dataset.template must hold {{instruction}}, may hold {{input}}, and nothing else in "
+                              f"braces (got {d.template!r})")
 
 
 def _validate_task(cfg: DictConfig) -> None:
-    task = cfg.model.task
+    task = cfg.model.get("task", "classification")  # absent in the config of a run made before it
     if task not in ("classification", "causal_lm"):
         raise ConfigError(f"model.task must be classification or causal_lm (got {task})")
     if task != "causal_lm":
@@ -256,6 +260,9 @@ def _validate_task(cfg: DictConfig) -> None:
                           "offline)")
     if cfg.adapter is None:
         raise ConfigError("model.task=causal_lm fine-tunes through adapters: add adapter=lora (or another adapter)")
+    if cfg.model.name in ("minilm", "vit"):
+        raise ConfigError(f"model={cfg.model.name} is a classifier's encoder; model.task=causal_lm needs a causal LM: "
+                          "model.hf=ID_OR_PATH (GPT-2, Llama, Qwen, SmolLM, ...)")
     if cfg.partition.name == "label_count":  # dirichlet over a single class skews the clients' sizes
         raise ConfigError("partition=label_count gives each client some of the classes; instructions have none: use "
                           "partition=iid, or partition=dirichlet for clients of skewed sizes")

@@ -11,6 +11,7 @@ disk (`data.cache_dir`) and in memory, so a process decodes a data set at most o
 from __future__ import annotations
 
 import gzip
+import logging
 import hashlib
 import io
 import os
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 
 from fedlora.errors import DataError
+
+log = logging.getLogger("fedlora")
 
 
 @dataclass(frozen=True)
@@ -305,11 +308,19 @@ def _load_own(cfg, split: str) -> Split:
     data = read_own(cfg)
     texts, labels = (data.train_texts, data.train_labels) if split == "train" else (data.test_texts, data.test_labels)
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
-    if cfg.model.task == "causal_lm":  # texts are (prompts, responses)
+    if cfg.model.get("task") == "causal_lm":  # texts are (prompts, responses)
         from fedlora.causal import tokenize_instructions
 
-        return Split(tokenize_instructions(list(texts[0]), list(texts[1]), model_path(cfg.model.hf),
-                                           cfg.model.max_length, cache, f"{data.source}-{split}"), labels)
+        tokens = tokenize_instructions(list(texts[0]), list(texts[1]), model_path(cfg.model.hf), cfg.model.max_length,
+                                       cache, f"{data.source}-{split}")
+        empty = int((tokens[:, 2].sum(axis=1) == 0).sum())
+        if empty == len(tokens):
+            raise DataError(f"dataset.path={cfg.dataset.path}: at model.max_length={cfg.model.max_length} no {split} "
+                            "example keeps a token of its response (the prompts fill it): raise model.max_length")
+        if empty:
+            log.warning("%d of the %d %s examples lose their whole response at model.max_length=%d: they teach "
+                        "nothing", empty, len(tokens), split, cfg.model.max_length)
+        return Split(tokens, labels)
     tokens = tokenize(list(texts[0]), model_path(cfg.model.hf), cfg.model.max_length, cache, f"{data.source}-{split}",
                       pairs=list(texts[1]) if len(texts) > 1 else None)
     return Split(tokens, labels)

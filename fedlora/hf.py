@@ -52,7 +52,9 @@ def load_classifier(name: str, num_labels: int, seed: int, num_layers: int | Non
         torch.manual_seed(seed)
         try:
             # a head for other classes (ImageNet's) is replaced by a new one, not refused
-            return auto.from_pretrained(model_path(name), num_labels=num_labels, ignore_mismatched_sizes=True, **extra)
+            # float32, as the adapters are (a checkpoint in bf16 would otherwise load as bf16)
+            return auto.from_pretrained(model_path(name), num_labels=num_labels, ignore_mismatched_sizes=True,
+                                        dtype=torch.float32, **extra)
         except (OSError, ValueError) as e:
             kind = "an image" if image else "a sequence"
             raise ConfigError(f"cannot load model '{name}' as {kind} classifier: {str(e).splitlines()[0]} (offline, "

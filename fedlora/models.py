@@ -135,7 +135,7 @@ def dense_model(cfg) -> nn.Module:
     info, seed = dataset_info(cfg), derive_seed(cfg.seed, "model-init")
     if cfg.adapter is None:
         return build_model(cfg.model.name, info.num_classes, seed)
-    if cfg.model.task == "causal_lm":
+    if cfg.model.get("task") == "causal_lm":
         from fedlora.causal import CausalLM
 
         return CausalLM(copy.deepcopy(_causal_lm(cfg.model.hf, seed, cfg.model.num_layers)))

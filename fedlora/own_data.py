@@ -1,4 +1,5 @@
-"""A user's own text classification data (`dataset=hf`), read through Hugging Face `datasets`.
+"""A user's own text data (`dataset=hf`), read through Hugging Face `datasets`: texts and labels for
+classification, or instructions and responses for a causal LM (`model.task=causal_lm`, fedlora/causal.py).
 
 `dataset.path` is one of:
 - a local file: CSV (`.csv`), TSV (`.tsv`), JSON lines (`.jsonl`, `.json`) or Parquet (`.parquet`),
@@ -110,7 +111,8 @@ def _columns(split, columns: list[str], path: str, which: str) -> list[list]:
     missing = [c for c in columns if c not in split.column_names]
     if missing:
         raise DataError(f"dataset.path={path}, split '{which}': no column {missing[0]!r}; its columns: "
-                        f"{', '.join(split.column_names)} (set dataset.text and dataset.label)")
+                        f"{', '.join(split.column_names)} (set dataset.text and dataset.label, or for "
+                        "model.task=causal_lm dataset.instruction, dataset.input and dataset.response)")
     return [split[c] for c in columns]
 
 

@@ -193,7 +193,7 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
     node_of_partition, own_examples, node_ranks = discover_partitions(grid, cfg, max(cfg.simulation.round_timeout, 120))
     recorder.write_partitions(class_histogram(train_split.labels, parts, dataset_info(cfg).num_classes),
                               own_examples)
-    if cfg.dataset.name == "hf":  # what each class id stands for
+    if cfg.dataset.name == "hf" and cfg.model.get("task") != "causal_lm":  # what each class id stands for
         from fedlora.own_data import read_own
 
         recorder.extra["labels"] = list(read_own(cfg).label_names)
@@ -262,7 +262,7 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
             strategy.aggregate_broadcast(rnd, grid.send_and_receive(strategy.configure_broadcast(rnd), timeout=timeout))
         scores = evaluate_global(rnd, arrays)
         row = method.round_figures()  # what the method measures of its own aggregation
-        if cfg.model.task == "causal_lm":  # accuracy is per target token there; perplexity beside it
+        if cfg.model.get("task") == "causal_lm":  # accuracy is per target token there; perplexity beside it
             row["test_perplexity"] = math.exp(min(scores["loss"], 700.0))
         if row:
             log.info("round %d: %s", rnd, ", ".join(f"{k} {v:.4g}" for k, v in row.items()))

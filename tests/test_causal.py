@@ -115,10 +115,27 @@ def test_causal_lm_config_mistakes_are_named(extra, message):
 
 
 def test_a_bad_template_and_a_label_partition_are_refused(tiny_llama, instructions):
-    with pytest.raises(ConfigError, match=r"dataset.template may hold \{instruction\} and \{input\}"):
-        resolve(compose(overrides(tiny_llama, instructions, "dataset.template='Q: {question}'")))
+    for template in ("'Q: {question}'", "'{input.foo}'", "'only {input}'"):
+        with pytest.raises(ConfigError, match=r"dataset.template must hold \{instruction\}, may hold \{input\}"):
+            resolve(compose(overrides(tiny_llama, instructions, f"dataset.template={template}")))
     with pytest.raises(ConfigError, match="instructions have none: use partition=iid"):
         resolve(compose(overrides(tiny_llama, instructions, "partition=label_count")))
+
+
+def test_an_encoder_is_refused_as_a_causal_lm_and_so_is_a_length_that_leaves_no_response(tiny_llama, instructions):
+    from fedlora.causal import load_causal_lm
+    from fedlora.hf import MINILM, model_path
+    from fedlora.preflight import preflight
+
+    with pytest.raises(ConfigError, match="is not causal: its predictions at a position change with the tokens after"):
+        load_causal_lm(model_path(MINILM), seed=0, num_layers=1)
+    with pytest.raises(ConfigError, match="model=minilm is a classifier's encoder"):
+        resolve(compose(["dataset=hf", f"dataset.path={instructions}", "model=minilm", "model.task=causal_lm",
+                         "adapter=lora", "partition=iid"]))
+    from fedlora.errors import DataError
+
+    with pytest.raises(DataError, match="no train example keeps a token of its response"):
+        preflight(resolve(compose(overrides(tiny_llama, instructions, "model.max_length=20"))))
 
 
 def test_a_2_round_federated_run_lowers_the_held_out_loss_and_exports_for_peft(tiny_llama, instructions,
