@@ -49,11 +49,13 @@ def plot_accuracy(groups: Sequence, out: Path, title: str, target: float | None)
         fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
         lo, hi = math.inf, 0.0
         for i, g in enumerate(groups):
-            color = colors[i % len(colors)]
+            # past the palette's colours, the same colours again with another marker and line
+            color, again = colors[i % len(colors)], i // len(colors) % 2
             if g.runs:
                 x, mean, std = _curve(g.runs, x_key)
                 seeds = f"{len(g.runs)} seed{'s' if len(g.runs) > 1 else ''}"
-                ax.plot(x, mean, color=color, marker="o", markersize=3, label=f"{g.label} ({seeds})")
+                ax.plot(x, mean, color=color, marker="s" if again else "o", markersize=3,
+                        linestyle="-." if again else "-", label=f"{g.label} ({seeds})")
                 if len(g.runs) > 1:
                     ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
                 lo, hi = min(lo, x.min()), max(hi, x.max())
