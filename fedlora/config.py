@@ -59,10 +59,12 @@ class ModelConfig:
 
 @dataclass
 class PartitionConfig:
-    name: str = MISSING  # iid, dirichlet, label_count
+    name: str = MISSING  # iid, dirichlet, label_count, shard, natural
     alpha: Optional[float] = None  # dirichlet: concentration; smaller is more skewed
     min_partition_size: Optional[int] = None  # dirichlet: resample until every client has this many
     classes_per_client: Optional[int] = None  # label_count: exactly this many classes per client
+    shards_per_client: Optional[int] = None  # shard: label-sorted shards dealt to each client
+    by: Optional[str] = None  # natural: the column (dataset=hf) whose every value is one client's data
 
 
 @dataclass
@@ -308,6 +310,11 @@ def validate(cfg: DictConfig) -> None:
     if p.name == "dirichlet":
         _at_least(cfg, "partition.alpha", 0, strict=True)
         _at_least(cfg, "partition.min_partition_size", 0)
+    if p.name == "shard":
+        _at_least(cfg, "partition.shards_per_client", 1)
+    if p.name == "natural" and (cfg.dataset.name != "hf" or not p.by):
+        raise ConfigError("partition=natural gives one client per value of a column (a user or writer id): it needs "
+                          "dataset=hf and partition.by=COLUMN")
     # dataset=hf's classes are known once its labels are read: fedlora.data.check_dataset checks its bound
     most = info.num_classes if cfg.dataset.name != "hf" else float("inf")
     if p.name == "label_count" and not (p.classes_per_client and 1 <= p.classes_per_client <= most):

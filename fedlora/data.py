@@ -34,6 +34,7 @@ log = logging.getLogger("fedlora")
 class Split:
     inputs: np.ndarray  # images: uint8 (N, C, H, W); text: int64 token ids and masks (N, 2, L)
     labels: np.ndarray  # int64, (N,)
+    groups: Optional[np.ndarray] = None  # partition=natural: each row's id of the client it belongs to
 
 
 @dataclass(frozen=True)
@@ -320,10 +321,10 @@ def _load_own(cfg, split: str) -> Split:
         if empty:
             log.warning("%d of the %d %s examples lose their whole response at model.max_length=%d: they teach "
                         "nothing", empty, len(tokens), split, cfg.model.max_length)
-        return Split(tokens, labels)
+        return Split(tokens, labels, data.train_groups if split == "train" else None)
     tokens = tokenize(list(texts[0]), model_path(cfg.model.hf), cfg.model.max_length, cache, f"{data.source}-{split}",
                       pairs=list(texts[1]) if len(texts) > 1 else None)
-    return Split(tokens, labels)
+    return Split(tokens, labels, data.train_groups if split == "train" else None)
 
 
 def load_full(cfg, split: str) -> Split:
@@ -341,7 +342,7 @@ def load_train_test(cfg) -> tuple[Split, Split]:
     tr = subset_indices(len(train.labels), cfg.data.train_samples, cfg.seed)
     te = subset_indices(len(test.labels), cfg.data.test_samples, cfg.seed + 1)
     if len(tr) < len(train.labels):
-        train = Split(train.inputs[tr], train.labels[tr])
+        train = Split(train.inputs[tr], train.labels[tr], None if train.groups is None else train.groups[tr])
     if len(te) < len(test.labels):
         test = Split(test.inputs[te], test.labels[te])
     return train, test

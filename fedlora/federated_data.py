@@ -29,7 +29,7 @@ def _data_key(cfg: DictConfig) -> str:
 def _federated_data(key: str) -> tuple[Split, Split, list[np.ndarray]]:
     cfg = OmegaConf.create(json.loads(key))
     train, test = load_train_test(cfg)
-    parts = partition_indices(train.labels, cfg.num_clients, cfg.partition, cfg.seed)
+    parts = partition_indices(train.labels, cfg.num_clients, cfg.partition, cfg.seed, train.groups)
     return train, test, parts
 
 

@@ -43,6 +43,7 @@ class OwnData:
     test_labels: np.ndarray
     label_names: tuple[str, ...]
     source: str  # what was read, for the cache key of the tokens
+    train_groups: np.ndarray | None = None  # partition=natural: each training row's id of its column's value
 
 
 def _text_columns(dcfg) -> list[str]:
@@ -202,6 +203,15 @@ def _read(key: str) -> OwnData:
 
     train = _split(ds, dcfg.train_split, path)
     train_cols = columns_of(train, dcfg.train_split)
+    by = spec.get("groups")
+    if by is not None:  # partition=natural: the column's values, as ids in their sorted order
+        [values] = _columns(train, [by], path, dcfg.train_split)
+        if not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
+            raise DataError(f"dataset.path={path}: partition.by={by} must name a column of ids (integers or "
+                            "strings), one per client")
+        order = sorted(set(values), key=lambda v: (isinstance(v, str), v))
+        index = {v: i for i, v in enumerate(order)}
+        train_cols.append([index[v] for v in values])
     if dcfg.test_split is not None:
         test = _split(ds, dcfg.test_split, path)
         test_cols = columns_of(test, dcfg.test_split)
@@ -212,18 +222,23 @@ def _read(key: str) -> OwnData:
                             "few to hold some out for testing")
         keep, held = _holdout(len(train_cols[0]), float(dcfg.test_fraction))
         train_cols, test_cols = [[c[i] for i in keep] for c in train_cols], [[c[i] for i in held] for c in train_cols]
+    groups = None
+    if by is not None:
+        groups = np.asarray(train_cols.pop(), np.int64)
+        if dcfg.test_split is None:  # the held-out rows are nobody's
+            test_cols.pop()
     for name, cols in ((dcfg.train_split, train_cols), (dcfg.test_split or "held-out", test_cols)):
         if not cols[0]:
             raise DataError(f"dataset.path={path}: split '{name}' is empty")
     if causal:  # one class: partitions and histograms see every example alike
         return OwnData(tuple(tuple(c) for c in train_cols), np.zeros(len(train_cols[0]), np.int64),
                        tuple(tuple(c) for c in test_cols), np.zeros(len(test_cols[0]), np.int64), ("text",),
-                       _source(path, key))
+                       _source(path, key), groups)
     label = str(dcfg.label)
     y_train, y_test, names = _label_ids(train_cols[-1], test_cols[-1], train.features[label],
                                         test.features[label], path, label)
     return OwnData(tuple(tuple(c) for c in train_cols[:-1]), y_train, tuple(tuple(c) for c in test_cols[:-1]),
-                   y_test, names, _source(path, key))
+                   y_test, names, _source(path, key), groups)
 
 
 def _source(path: str, key: str) -> str:
@@ -241,5 +256,6 @@ def read_own(cfg) -> OwnData:
     """The run's own data set, read once per process and config."""
     from omegaconf import OmegaConf
 
+    by = cfg.partition.get("by") if cfg.partition.name == "natural" else None
     return _read(json.dumps({"dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-                             "task": cfg.model.get("task", "classification")}, sort_keys=True))
+                             "task": cfg.model.get("task", "classification"), "groups": by}, sort_keys=True))

@@ -39,19 +39,47 @@ def _label_count(num_clients: int, pcfg, seed: int):
                                    class_assignment_mode="first-deterministic", shuffle=True, seed=seed)
 
 
+def _shard(num_clients: int, pcfg, seed: int):
+    from flwr_datasets.partitioner import ShardPartitioner
+
+    # McMahan et al.'s pathological split: the rows sorted by label, cut into equal shards, each client
+    # dealt `shards_per_client` of them at random
+    return ShardPartitioner(num_partitions=num_clients, partition_by="label",
+                            num_shards_per_partition=int(pcfg.shards_per_client), shuffle=True, seed=seed)
+
+
+def _natural(num_clients: int, pcfg, seed: int):
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    return NaturalIdPartitioner(partition_by="group")  # one client per distinct value of the column
+
+
 # partition name (conf/partition/<name>.yaml) -> builder of its flwr-datasets partitioner
-PARTITIONERS = {"iid": _iid, "dirichlet": _dirichlet, "label_count": _label_count}
+PARTITIONERS = {"iid": _iid, "dirichlet": _dirichlet, "label_count": _label_count, "shard": _shard,
+                "natural": _natural}
 
 
-def partition_indices(labels: np.ndarray, num_clients: int, pcfg, seed: int) -> list[np.ndarray]:
-    """Row indices of each client's partition, sorted, one array per client."""
+def partition_indices(labels: np.ndarray, num_clients: int, pcfg, seed: int,
+                      groups: np.ndarray | None = None) -> list[np.ndarray]:
+    """Row indices of each client's partition, sorted, one array per client. `groups`: each row's
+    value of the column that partition=natural gives one client per value of."""
     import datasets
 
     labels = np.asarray(labels)
     # IidPartitioner cuts contiguous shards: the rows are shuffled first, with the run's seed.
     order = np.random.default_rng(seed).permutation(len(labels)) if pcfg.name == "iid" else np.arange(len(labels))
     partitioner = PARTITIONERS[pcfg.name](num_clients, pcfg, seed)
-    partitioner.dataset = datasets.Dataset.from_dict({"row": order, "label": labels[order].astype(np.int64)})
+    columns = {"row": order, "label": labels[order].astype(np.int64)}
+    if pcfg.name == "natural":
+        if groups is None:
+            raise ConfigError(f"partition=natural gives one client per value of a column: dataset=hf with "
+                              f"partition.by=COLUMN (its data set has its own columns)")
+        distinct = len(np.unique(groups))
+        if distinct != num_clients:
+            raise ConfigError(f"partition=natural by '{pcfg.by}': its {distinct} distinct values make {distinct} "
+                              f"clients; set num_clients={distinct} (now {num_clients})")
+        columns["group"] = np.asarray(groups)[order]
+    partitioner.dataset = datasets.Dataset.from_dict(columns)
     try:
         parts = [np.sort(np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)) for i in range(num_clients)]
     except ValueError as e:

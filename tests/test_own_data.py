@@ -186,3 +186,25 @@ def test_a_short_run_on_a_csv_file_of_ones_own(ray_address, tmp_path):
     out = metrics_rows(tmp_path / "run")
     assert [r["round"] for r in out] == [1, 2] and all(np.isfinite(r["test_loss"]) for r in out)
     assert sum(json.loads((tmp_path / "run" / "partitions.json").read_text())["sizes"]) == 400  # 500, 20% held out
+
+
+def test_partition_natural_gives_one_client_per_value_of_a_column(tmp_path):
+    from fedlora.federated_data import federated_data
+    from fedlora.preflight import preflight
+
+    rows = [{"text": t, "label": y, "writer": ["ann", "bob", "cy"][i % 3]} for i, (t, y) in enumerate(agnews_rows(90))]
+    path = write(tmp_path / "writers.csv", rows)
+    extra = [f"dataset.path={path}", "partition=natural", "partition.by=writer", "num_clients=3", "clients_per_round=2"]
+    cfg = config(*extra)
+    preflight(cfg)
+    train, _, parts = federated_data(cfg)
+    texts = read(*extra).train_texts[0]
+    writer_of = {r["text"]: r["writer"] for r in rows}
+    assert len(parts) == 3 and sum(len(p) for p in parts) == len(texts) == 72  # 90, a fifth held out
+    assert all(len({writer_of[texts[i]] for i in p}) == 1 for p in parts)  # each client: one writer's texts
+    assert len({writer_of[texts[p[0]]] for p in parts}) == 3
+    with pytest.raises(ConfigError, match="its 3 distinct values make 3 clients; set num_clients=3"):
+        preflight(config(*extra[:3], "num_clients=4"))
+    with pytest.raises(ConfigError, match="it needs dataset=hf and partition.by=COLUMN"):
+        resolve(compose(["partition=natural", "partition.by=writer"]))
+

@@ -80,3 +80,11 @@ def test_label_count_says_when_classes_are_left_out(labels, caplog):
 def test_too_many_clients_for_the_data_is_a_config_error(labels):
     with pytest.raises(ConfigError, match="cannot partition|without data"):
         partition_indices(labels[:50], 20, pcfg(alpha=0.1, min_partition_size=10), seed=0)
+
+
+def test_partition_shard_deals_equal_label_sorted_shards():
+    labels = np.repeat(np.arange(10), 60)  # 600 rows, 10 classes
+    parts = partition_indices(labels, 10, pcfg(name="shard", shards_per_client=2), seed=0)
+    assert [len(p) for p in parts] == [60] * 10  # 20 shards of 30 rows, two each
+    assert len(np.unique(np.concatenate(parts))) == 600
+    assert all(len(np.unique(labels[p])) <= 2 for p in parts)  # a shard holds one class here
