@@ -38,6 +38,8 @@ class DatasetConfig:
     label: str = "label"
     # model.task=causal_lm: the instruction, the (optional) input and the response columns, and the
     # prompt, with {instruction} and {input} (null: Alpaca's)
+    image: Optional[str] = None  # an image column instead of text (a folder of class sub-folders: image)
+    image_size: Optional[int] = None  # resize every image to N x N (images of several sizes need it)
     instruction: str = "instruction"
     input: str = "input"
     response: str = "response"
@@ -228,13 +230,19 @@ def _validate_dataset(cfg: DictConfig) -> None:
     if not d.path:
         raise ConfigError("dataset=hf needs dataset.path: a local CSV, TSV, JSON-lines or Parquet file, a folder "
                           "(save_to_disk's, or of such files), or a Hugging Face Hub id")
+    if d.test_split is None and not 0 < d.test_fraction < 1:
+        raise ConfigError(f"dataset.test_fraction must be in (0, 1) (got {d.test_fraction})")
+    if d.get("image_size") is not None and not d.image_size >= 1:
+        raise ConfigError(f"dataset.image_size must be >= 1 (got {d.image_size})")
+    if d.get("image"):
+        if d.image == d.label:
+            raise ConfigError(f"dataset.image={d.image} is also the label column")
+        return
     columns = [d.text] if isinstance(d.text, str) else list(d.text) if d.text is not None else []
     if not 1 <= len(columns) <= 2 or not all(isinstance(c, str) and c for c in columns):
         raise ConfigError(f"dataset.text must name a text column, or two for sentence pairs (got {d.text})")
     if d.label in columns:
         raise ConfigError(f"dataset.label={d.label} is also a text column")
-    if d.test_split is None and not 0 < d.test_fraction < 1:
-        raise ConfigError(f"dataset.test_fraction must be in (0, 1) (got {d.test_fraction})")
     if d.template is not None:
         import string
 
@@ -273,7 +281,7 @@ def _validate_task(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the valid choices for the first mistake found. Nothing is read from
     the disk and no model is built here: `fedlora.preflight` checks what needs them."""
-    from fedlora.data import DATASETS
+    from fedlora.data import DATASETS, DatasetInfo
     from fedlora.hf import PRETRAINED
     from fedlora.models import MODELS
     from fedlora.partition import PARTITIONERS
@@ -283,6 +291,9 @@ def validate(cfg: DictConfig) -> None:
     _validate_dataset(cfg)
     _validate_task(cfg)
     info = DATASETS[cfg.dataset.name]
+    own_images = cfg.dataset.name == "hf" and cfg.dataset.get("image")  # their shape is known once they are read
+    if own_images:
+        info = DatasetInfo(0, (0, 0, 0), "")
     pretrained = cfg.model.name in PRETRAINED or cfg.model.hf is not None
     if pretrained:
         _validate_pretrained(cfg, info)
@@ -293,7 +304,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg.model.name not in MODELS:
             raise ConfigError(f"unknown model '{cfg.model.name}'; choose one of: auto, "
                               f"{_choices(list(MODELS) + list(PRETRAINED))}")
-        if MODELS[cfg.model.name].input_shape != info.shape:
+        if MODELS[cfg.model.name].input_shape != info.shape and not own_images:  # those: preflight checks
             raise ConfigError(
                 f"model '{cfg.model.name}' takes {MODELS[cfg.model.name].input_shape} inputs but dataset "
                 f"'{cfg.dataset.name}' has {info.shape}; leave model=auto for the dataset's own model"
@@ -410,6 +421,23 @@ def _model_location(given: str) -> str:
     return path
 
 
+def _model_for_own_images(cfg: DictConfig) -> str:
+    """The paper CNN whose input shape the user's images have (read here), for model=auto."""
+    import copy
+
+    from fedlora.data import dataset_info
+    from fedlora.paths import absolute
+
+    probe = copy.deepcopy(cfg)
+    probe.dataset.path = absolute(str(cfg.dataset.path), "dataset.path", must_exist=True)
+    info = dataset_info(probe)
+    if not info.default_model:
+        raise ConfigError(f"dataset.path={cfg.dataset.path}: images of shape {info.shape} fit none of the paper's "
+                          "CNNs ((1, 28, 28) or (3, 32, 32)): set dataset.image_size=28 or 32, or fine-tune a "
+                          "pretrained image classifier (model.hf=ID_OR_PATH adapter=lora)")
+    return info.default_model
+
+
 def resolve(cfg: DictConfig) -> DictConfig:
     """A plain, validated copy of a composed config, with the choices left to fedlora filled in: the
     model for "auto" and the data root from FEDLORA_DATA."""
@@ -428,13 +456,19 @@ def resolve(cfg: DictConfig) -> DictConfig:
     if cfg.model.name == "auto" and cfg.dataset.name in DATASETS:
         # model.hf alone names a pretrained model: the records say "hf", not the paper's CNN
         causal = cfg.model.get("task") == "causal_lm"  # no default causal LM: model.hf names one (validate says so)
-        cfg.model.name = "hf" if cfg.model.hf is not None or causal else DATASETS[cfg.dataset.name].default_model
+        if cfg.model.hf is not None or causal:
+            cfg.model.name = "hf"
+        elif cfg.dataset.name == "hf" and cfg.dataset.get("image") and cfg.dataset.get("path"):
+            cfg.model.name = _model_for_own_images(cfg)
+        else:
+            cfg.model.name = DATASETS[cfg.dataset.name].default_model
     for key, value in PRETRAINED.get(cfg.model.name, {}).items():
         if cfg.model[key] is None:
             cfg.model[key] = value
     if cfg.model.hf is not None:
         cfg.model.hf = _model_location(str(cfg.model.hf))
-        if cfg.model.max_length is None and DATASETS.get(cfg.dataset.name) and DATASETS[cfg.dataset.name].text:
+        text = DATASETS.get(cfg.dataset.name) and DATASETS[cfg.dataset.name].text and not cfg.dataset.get("image")
+        if cfg.model.max_length is None and text:
             cfg.model.max_length = PRETRAINED["minilm"]["max_length"]  # a text model of one's own: MiniLM's default
     if cfg.model.get("task") == "causal_lm" and cfg.adapter is not None and list(cfg.adapter.train) == ["classifier"]:
         cfg.adapter.train = []  # the adapters' default trains a classifier's new head, which a causal LM has not

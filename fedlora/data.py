@@ -66,7 +66,23 @@ def dataset_info(cfg) -> DatasetInfo:
         return DATASETS[cfg.dataset.name]
     from fedlora.own_data import read_own
 
-    return DatasetInfo(len(read_own(cfg).label_names), None, "minilm")
+    data = read_own(cfg)
+    if data.train_images is None:
+        return DatasetInfo(len(data.label_names), None, "minilm")
+    return _image_info(len(data.label_names), data.train_images)
+
+
+def _image_info(num_classes: int, images: np.ndarray) -> DatasetInfo:
+    """An image data set's shape, the paper model that takes it (none: "", a pretrained one then), and
+    its training images' per-channel mean and standard deviation on the 0..1 scale."""
+    from fedlora.models import MODELS
+
+    shape = tuple(int(d) for d in images.shape[1:])
+    model = next((name for name, spec in MODELS.items() if spec.input_shape == shape), "")
+    scaled = images.astype(np.float64) / 255.0
+    axes = (0, 2, 3)
+    return DatasetInfo(num_classes, shape, model, tuple(scaled.mean(axis=axes).tolist()),
+                       tuple(np.maximum(scaled.std(axis=axes), 1e-6).tolist()))
 
 
 def check_dataset(cfg) -> None:
@@ -79,6 +95,13 @@ def check_dataset(cfg) -> None:
         if n < cfg.num_clients:
             raise DataError(f"dataset.path={cfg.dataset.path}: {n} training examples for num_clients={cfg.num_clients}; "
                             "every client needs at least one (fewer clients, or more data)")
+        if data.train_images is not None and cfg.adapter is None:  # a paper CNN: of the images' shape
+            from fedlora.models import MODELS
+
+            shape, wants = dataset_info(cfg).shape, MODELS[cfg.model.name].input_shape
+            if shape != wants:
+                raise DataError(f"dataset.path={cfg.dataset.path}: images of shape {shape}, and model="
+                                f"{cfg.model.name} takes {wants}: leave model=auto, or set dataset.image_size")
         if cfg.partition.name == "label_count" and cfg.partition.classes_per_client > len(data.label_names):
             raise DataError(f"partition.classes_per_client={cfg.partition.classes_per_client}, and dataset.path="
                             f"{cfg.dataset.path} has {len(data.label_names)} classes")
@@ -308,6 +331,9 @@ def _load_own(cfg, split: str) -> Split:
 
     data = read_own(cfg)
     texts, labels = (data.train_texts, data.train_labels) if split == "train" else (data.test_texts, data.test_labels)
+    if data.train_images is not None:
+        images = data.train_images if split == "train" else data.test_images
+        return Split(images, labels, data.train_groups if split == "train" else None)
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
     if cfg.model.get("task") == "causal_lm":  # texts are (prompts, responses)
         from fedlora.causal import tokenize_instructions
@@ -348,12 +374,14 @@ def load_train_test(cfg) -> tuple[Split, Split]:
     return train, test
 
 
-def to_tensors(split: Split, dataset: str, indices: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised float32 images (or int64 tokens) and int64 labels (optionally only the given rows)."""
+def to_tensors(split: Split, dataset: str | DatasetInfo,
+               indices: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float32 images (or int64 tokens) and int64 labels (optionally only the given rows), of
+    a built-in data set by name, or of any by its info (`dataset_info`)."""
     images, labels = split.inputs, split.labels
     if indices is not None:
         images, labels = images[indices], labels[indices]
-    info = DATASETS[dataset]
+    info = DATASETS[dataset] if isinstance(dataset, str) else dataset
     if info.text:
         return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(np.ascontiguousarray(labels)).long()
     mean, std = info.mean, info.std

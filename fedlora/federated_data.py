@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fedlora.data import DATASETS, Split, load_full, load_train_test, to_tensors
+from fedlora.data import DATASETS, Split, dataset_info, load_full, load_train_test, to_tensors
 from fedlora.errors import DataError
 from fedlora.partition import partition_indices
 from fedlora.seeds import derive_seed
@@ -41,7 +41,7 @@ def federated_data(cfg: DictConfig) -> tuple[Split, Split, list[np.ndarray]]:
 @lru_cache(maxsize=256)  # all of a process's clients: together at most the training split, as floats
 def _client_tensors(key: str, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     train, _, parts = _federated_data(key)
-    return to_tensors(train, json.loads(key)["dataset"]["name"], parts[partition_id])
+    return to_tensors(train, dataset_info(OmegaConf.create(json.loads(key))), parts[partition_id])
 
 
 def client_tensors(cfg: DictConfig, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +79,7 @@ def local_tensors(cfg: DictConfig, root: str) -> tuple[torch.Tensor, torch.Tenso
 
 def test_tensors(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
     _, test, _ = federated_data(cfg)
-    return to_tensors(test, cfg.dataset.name)
+    return to_tensors(test, dataset_info(cfg))
 
 
 def holdout(n: int, fraction: float, seed: int, partition_id: int) -> tuple[np.ndarray, np.ndarray]:

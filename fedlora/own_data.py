@@ -9,7 +9,8 @@ classification, or instructions and responses for a causal LM (`model.task=causa
   such files, whose names give the splits as `datasets` reads them (`train.csv`, `test.csv`, ...);
 - a Hugging Face Hub id (`ag_news`, `glue` with `dataset.subset=sst2`), which needs internet.
 
-`dataset.text` names the text column, or two of them for sentence pairs (GLUE's);
+`dataset.text` names the text column, or two of them for sentence pairs (GLUE's), or `dataset.image`
+an image column (a folder of one sub-folder of images per class reads as `image` and `label`);
 `dataset.label` the label column. Classes come from the label column's `ClassLabel` names, else from
 its values: integers and strings alike are mapped to ids in their sorted order (integers 0..K-1 stay
 as they are), and the names are written to the run's summary (`labels`).
@@ -44,6 +45,8 @@ class OwnData:
     label_names: tuple[str, ...]
     source: str  # what was read, for the cache key of the tokens
     train_groups: np.ndarray | None = None  # partition=natural: each training row's id of its column's value
+    train_images: np.ndarray | None = None  # dataset.image: uint8 (N, C, H, W), the texts then empty
+    test_images: np.ndarray | None = None
 
 
 def _text_columns(dcfg) -> list[str]:
@@ -182,6 +185,28 @@ def _texts(split, columns: list[str], path: str, which: str, optional: str | Non
     return [values[c] for c in columns]
 
 
+def _images(images: list, path: str, which: str, grey: bool, size: int | None) -> np.ndarray:
+    """uint8 (N, C, H, W) of PIL images: grey (C = 1) or RGB, resized to size x size when given (else
+    they must all have one size)."""
+    from PIL import Image
+
+    arrays = []
+    for i, img in enumerate(images):
+        if not isinstance(img, Image.Image):
+            raise DataError(f"dataset.path={path}, split '{which}', row {i}: the image column holds "
+                            f"{type(img).__name__}, not an image")
+        img = img.convert("L" if grey else "RGB")
+        if size:
+            img = img.resize((size, size), Image.BILINEAR)
+        arrays.append(np.asarray(img))
+    shapes = sorted({a.shape for a in arrays})
+    if len(shapes) > 1:
+        raise DataError(f"dataset.path={path}, split '{which}': images of {len(shapes)} sizes ({shapes[0][:2]}, "
+                        f"{shapes[-1][:2]}, ...): set dataset.image_size=N to resize them to N x N")
+    stacked = np.stack(arrays)
+    return np.ascontiguousarray(stacked[:, None] if grey else stacked.transpose(0, 3, 1, 2))
+
+
 @lru_cache(maxsize=4)
 def _read(key: str) -> OwnData:
     from omegaconf import OmegaConf
@@ -199,6 +224,8 @@ def _read(key: str) -> OwnData:
             instruction, given, response = _texts(split, [dcfg.instruction, dcfg.input, dcfg.response], path, which,
                                                   optional=dcfg.input)
             return [[prompt(i, g, dcfg.template) for i, g in zip(instruction, given)], response]
+        if dcfg.get("image"):
+            return _columns(split, [dcfg.image, dcfg.label], path, which)
         return _texts(split, _text_columns(dcfg), path, which) + _columns(split, [dcfg.label], path, which)
 
     train = _split(ds, dcfg.train_split, path)
@@ -237,6 +264,12 @@ def _read(key: str) -> OwnData:
     label = str(dcfg.label)
     y_train, y_test, names = _label_ids(train_cols[-1], test_cols[-1], train.features[label],
                                         test.features[label], path, label)
+    if dcfg.get("image"):  # grey when every training image is, as the test images are then read
+        grey = all(getattr(img, "mode", "") in ("L", "1", "I;16", "I", "F") for img in train_cols[0])
+        size = dcfg.get("image_size")
+        return OwnData((), y_train, (), y_test, names, _source(path, key), groups,
+                       _images(train_cols[0], path, dcfg.train_split, grey, size),
+                       _images(test_cols[0], path, dcfg.test_split or "held-out", grey, size))
     return OwnData(tuple(tuple(c) for c in train_cols[:-1]), y_train, tuple(tuple(c) for c in test_cols[:-1]),
                    y_test, names, _source(path, key), groups)
 

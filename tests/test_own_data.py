@@ -208,3 +208,63 @@ def test_partition_natural_gives_one_client_per_value_of_a_column(tmp_path):
     with pytest.raises(ConfigError, match="it needs dataset=hf and partition.by=COLUMN"):
         resolve(compose(["partition=natural", "partition.by=writer"]))
 
+
+
+def image_folder(root: Path, grey: bool, sizes=(28,), per_class: int = 12) -> Path:
+    """Sub-folders of PNG images, one per class, as a user keeps them: 'circle' bright in the centre,
+    'frame' bright at the border, 'stripe' bright in the middle rows."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("circle", "frame", "stripe"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            size = sizes[i % len(sizes)]
+            img = rng.integers(0, 60, (size, size)).astype(np.uint8)
+            c = size // 2
+            if name == "circle":
+                img[c - 4:c + 4, c - 4:c + 4] = 250
+            elif name == "frame":
+                img[:3], img[-3:], img[:, :3], img[:, -3:] = 250, 250, 250, 250
+            else:
+                img[c - 2:c + 2] = 250
+            Image.fromarray(img if grey else np.stack([img] * 3, axis=-1)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_an_image_folder_gives_classes_by_folder_and_picks_the_paper_cnn_of_its_shape(tmp_path):
+    from fedlora.data import dataset_info, load_train_test
+
+    folder = image_folder(tmp_path / "grey", grey=True)
+    cfg = resolve(compose(["dataset=hf", f"dataset.path={folder}", "dataset.image=image", "method=fedavg",
+                           "num_clients=3", "clients_per_round=2"]))
+    assert cfg.model.name == "fmnist_cnn"  # (1, 28, 28): model=auto takes the paper CNN of that shape
+    info = dataset_info(cfg)
+    assert info.shape == (1, 28, 28) and info.num_classes == 3 and 0 < info.mean[0] < 1
+    train, test = load_train_test(cfg)
+    assert train.inputs.shape == (29, 1, 28, 28) and train.inputs.dtype == np.uint8 and len(test.labels) == 7
+    from fedlora.own_data import read_own
+
+    assert read_own(cfg).label_names == ("circle", "frame", "stripe")
+    mixed = image_folder(tmp_path / "rgb", grey=False, sizes=(40, 36))
+    base = ["dataset=hf", f"dataset.path={mixed}", "dataset.image=image", "method=fedavg", "num_clients=3",
+            "clients_per_round=2"]
+    with pytest.raises(DataError, match="images of 2 sizes .* set dataset.image_size=N"):
+        resolve(compose(base))
+    assert resolve(compose(base + ["dataset.image_size=32"])).model.name in ("svhn_cnn", "vgg_cifar", "resnet18")
+    with pytest.raises(ConfigError, match=r"images of shape \(3, 40, 40\) fit none of the paper's CNNs"):
+        resolve(compose(base + ["dataset.image_size=40"]))
+
+
+def test_a_short_run_on_an_image_folder_of_ones_own(ray_address, tmp_path):
+    from fedlora.simulation import run_simulation
+
+    folder = image_folder(tmp_path / "shapes", grey=True, per_class=40)
+    cfg = resolve(compose(["dataset=hf", f"dataset.path={folder}", "dataset.image=image", "method=fedavg",
+                           "num_clients=3", "clients_per_round=2", "num_rounds=2", "local.batch_size=16",
+                           "partition=iid", f"simulation.ray_address={ray_address}"]))
+    run_simulation(cfg, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["labels"] == ["circle", "frame", "stripe"]
+    rows = metrics_rows(tmp_path / "run")
+    assert [r["round"] for r in rows] == [1, 2] and rows[-1]["test_accuracy"] > 1 / 3  # the shapes are learnable
