@@ -39,6 +39,23 @@ def prompt(instruction: str, given: str, template: str | None) -> str:
     return template.format(instruction=instruction, input=given)
 
 
+def _end_of(tokenizer, path: str) -> int:
+    """The id of the token that ends a response: the tokenizer's end-of-text, else its separator."""
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if end is None:
+        raise ConfigError(f"the tokenizer of model '{path}' has no end-of-text token (eos_token): a causal LM's "
+                          "response needs one to end")
+    return int(end)
+
+
+def end_token(cfg) -> int:
+    """The end token of the run's model."""
+    from fedlora.hf import model_path
+
+    path = model_path(cfg.model.hf)
+    return _end_of(load_tokenizer(path), path)
+
+
 def tokenize_instructions(prompts: list[str], responses: list[str], tokenizer_path: str, max_length: int,
                           cache_dir: str | Path | None = None, source: str | None = None) -> np.ndarray:
     """(N, 3, max_length) int64: ids of prompt + response + end token, the attention mask, and the
@@ -47,10 +64,7 @@ def tokenize_instructions(prompts: list[str], responses: list[str], tokenizer_pa
 
     def make() -> np.ndarray:
         tokenizer = load_tokenizer(tokenizer_path)
-        end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-        if end is None:
-            raise ConfigError(f"the tokenizer of model '{tokenizer_path}' has no end-of-text token (eos_token): a "
-                              "causal LM's response needs one to end")
+        end = _end_of(tokenizer, tokenizer_path)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
         closing = {end, tokenizer.sep_token_id} - {None}
 
@@ -135,3 +149,24 @@ def check_causal(model: nn.Module, name: str) -> None:
         raise ConfigError(f"model '{name}' is not causal: its predictions at a position change with the tokens after "
                           "it (an encoder such as BERT or MiniLM); model.task=causal_lm needs a decoder (GPT-2, Llama, "
                           "Qwen, SmolLM, ...)")
+
+
+@torch.no_grad()
+def exact_match(model: CausalLM, x: torch.Tensor, end: int, max_new_tokens: int) -> tuple[float, int]:
+    """(share, examples): of the examples of `x` whose whole response fits (its end token is in), the
+    share for which greedy generation from the prompt gives exactly the response's tokens, then the
+    end token (at most `max_new_tokens`, one example at a time: no padding to get wrong)."""
+    model.eval()
+    hits = total = 0
+    for row in x:
+        targets = row[2].nonzero().flatten()
+        if len(targets) == 0 or int(row[0, targets[-1]]) != end:
+            continue  # cut short at model.max_length: its answer is not all there
+        prompt_ids = row[0, :int(targets[0])][None]
+        answer = row[0, targets].tolist()  # the response, then the end token
+        out = model.model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                                   max_new_tokens=min(max_new_tokens, len(answer)), do_sample=False,
+                                   pad_token_id=end, eos_token_id=end)
+        hits += out[0, prompt_ids.shape[1]:].tolist() == answer
+        total += 1
+    return (hits / total if total else float("nan")), total

@@ -118,6 +118,11 @@ class EvalConfig:
     # one) on a seeded held-out fraction of its partition, after every round; it trains on the rest
     clients: bool = False
     client_fraction: float = 0.2
+    # model.task=causal_lm: also generate (greedy) the answers of the first `generate_examples` test
+    # examples and record the share that is exactly the response (test_exact_match)
+    generate: bool = False
+    generate_examples: int = 50
+    max_new_tokens: int = 32
 
 
 @dataclass
@@ -260,6 +265,8 @@ def _validate_task(cfg: DictConfig) -> None:
     if task not in ("classification", "causal_lm"):
         raise ConfigError(f"model.task must be classification or causal_lm (got {task})")
     if task != "causal_lm":
+        if cfg.eval.get("generate"):
+            raise ConfigError("eval.generate=true generates answers: it is for model.task=causal_lm")
         return
     if cfg.dataset.name != "hf":
         raise ConfigError(f"model.task=causal_lm tunes on instructions: use dataset=hf with dataset.path= a file or "
@@ -273,6 +280,9 @@ def _validate_task(cfg: DictConfig) -> None:
     if cfg.model.name in ("minilm", "vit"):
         raise ConfigError(f"model={cfg.model.name} is a classifier's encoder; model.task=causal_lm needs a causal LM: "
                           "model.hf=ID_OR_PATH (GPT-2, Llama, Qwen, SmolLM, ...)")
+    if cfg.eval.get("generate"):
+        _at_least(cfg, "eval.generate_examples", 1)
+        _at_least(cfg, "eval.max_new_tokens", 1)
     if cfg.partition.name == "label_count":  # dirichlet over a single class skews the clients' sizes
         raise ConfigError("partition=label_count gives each client some of the classes; instructions have none: use "
                           "partition=iid, or partition=dirichlet for clients of skewed sizes")

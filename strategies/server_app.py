@@ -156,7 +156,14 @@ class GlobalEvaluation:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.method.load(self.model, arrays, server_round, required=self.method.global_keys(self.model))
         acc, loss = evaluate(self.model, self.x, self.y, self.cfg.eval.batch_size, self.device)
-        return MetricRecord({"accuracy": acc, "loss": loss})
+        scores = MetricRecord({"accuracy": acc, "loss": loss})
+        if self.cfg.eval.get("generate"):  # a causal LM's answers, generated
+            from fedlora.causal import end_token, exact_match
+
+            share, _ = exact_match(self.model, self.x[:self.cfg.eval.generate_examples].to(self.device),
+                                   end_token(self.cfg), self.cfg.eval.max_new_tokens)
+            scores["exact_match"] = share
+        return scores
 
 
 def start_afresh(cfg: DictConfig, method: Method, model, strategy: MethodStrategy, grid: MeteredGrid,
@@ -264,6 +271,8 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
         row = method.round_figures()  # what the method measures of its own aggregation
         if cfg.model.get("task") == "causal_lm":  # accuracy is per target token there; perplexity beside it
             row["test_perplexity"] = math.exp(min(scores["loss"], 700.0))
+            if "exact_match" in scores:
+                row["test_exact_match"] = scores["exact_match"]
         if row:
             log.info("round %d: %s", rnd, ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
         if cfg.eval.clients:  # its messages counted apart: evaluation is not what the method costs

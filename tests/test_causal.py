@@ -108,6 +108,7 @@ def test_the_loss_is_hugging_faces_with_the_prompt_masked_out(tiny_llama):
     (["model.task=causal_lm"], "model.task=causal_lm tunes on instructions: use dataset=hf"),
     (["dataset=hf", "dataset.path=/tmp", "model.task=causal_lm", "adapter=lora"], "needs model.hf=ID_OR_PATH"),
     (["model.task=translation"], "model.task must be classification or causal_lm"),
+    (["eval.generate=true"], "eval.generate=true generates answers: it is for model.task=causal_lm"),
 ])
 def test_causal_lm_config_mistakes_are_named(extra, message):
     with pytest.raises(ConfigError, match=message):
@@ -147,7 +148,8 @@ def test_a_2_round_federated_run_lowers_the_held_out_loss_and_exports_for_peft(t
     from fedlora.methods import make_method
     from fedlora.simulation import run_simulation
 
-    cfg = resolve(compose(overrides(tiny_llama, instructions, f"simulation.ray_address={ray_address}")))
+    cfg = resolve(compose(overrides(tiny_llama, instructions, "eval.generate=true", "eval.generate_examples=10",
+                                    f"simulation.ray_address={ray_address}")))
     assert list(cfg.adapter.train) == []  # a causal LM has no new head to train
     run_simulation(cfg, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -156,6 +158,7 @@ def test_a_2_round_federated_run_lowers_the_held_out_loss_and_exports_for_peft(t
     initial = json.loads((tmp_path / "checkpoint" / "checkpoint.json").read_text())["initial"]["test_loss"]
     assert rows[-1]["test_loss"] < rows[0]["test_loss"] < initial
     assert rows[-1]["test_perplexity"] == pytest.approx(np.exp(rows[-1]["test_loss"]), rel=1e-6)
+    assert all(0 <= r["test_exact_match"] <= 1 for r in rows)
 
     # the exported adapter, on a fresh copy of the base model, computes the global model's logits
     method = make_method(cfg)
@@ -171,3 +174,29 @@ def test_a_2_round_federated_run_lowers_the_held_out_loss_and_exports_for_peft(t
     with torch.no_grad():
         theirs = peft(input_ids=x[:, 0, :longest], attention_mask=x[:, 1, :longest]).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_exact_match_counts_the_answers_that_greedy_generation_gives_whole(tiny_llama):
+    """A tiny Llama trained (all its weights, centrally) until it knows the colours answers them all;
+    the same prompts with other responses match none; an example cut short is not counted."""
+    from fedlora.causal import CausalLM, exact_match, load_causal_lm, prompt, tokenize_instructions
+
+    rows = [{"instruction": f"What colour is the {t} ?", "input": "", "response": c} for t, c in sorted(COLOURS.items())]
+    prompts, answers = [prompt(r["instruction"], "", None) for r in rows], [r["response"] for r in rows]
+    x = torch.from_numpy(tokenize_instructions(prompts, answers, str(tiny_llama), 64))
+    model = CausalLM(load_causal_lm(str(tiny_llama), seed=0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(150):
+        model.train()
+        loss, _, n = model.scores(x)
+        opt.zero_grad()
+        (loss / n).backward()
+        opt.step()
+    end = model.model.config.eos_token_id
+    assert exact_match(model, x, end, 8) == (1.0, 12)
+    wrong = [answers[(i + 1) % 12] if answers[(i + 1) % 12] != a else "purple" for i, a in enumerate(answers)]
+    assert exact_match(model, torch.from_numpy(tokenize_instructions(prompts, wrong, str(tiny_llama), 64)), end, 8)[0] == 0
+    lengths = x[:, 1].sum(dim=1)
+    cut = torch.from_numpy(tokenize_instructions(prompts, answers, str(tiny_llama), int(lengths.min()) - 1))
+    assert exact_match(model, cut, end, 8)[1] == 0  # no end token fits: nothing to count
