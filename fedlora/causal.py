@@ -152,21 +152,25 @@ def check_causal(model: nn.Module, name: str) -> None:
 
 
 @torch.no_grad()
-def exact_match(model: CausalLM, x: torch.Tensor, end: int, max_new_tokens: int) -> tuple[float, int]:
-    """(share, examples): of the examples of `x` whose whole response fits (its end token is in), the
-    share for which greedy generation from the prompt gives exactly the response's tokens, then the
-    end token (at most `max_new_tokens`, one example at a time: no padding to get wrong)."""
+def exact_match(model: CausalLM, x: torch.Tensor, end: int, max_new_tokens: int,
+                limit: int | None = None) -> tuple[float, int]:
+    """(share, examples): of the first `limit` examples of `x` whose whole answer fits (the end token
+    is in, and the response and end token are at most `max_new_tokens`), the share for which greedy
+    generation from the prompt gives exactly the response's tokens, then the end token (one example
+    at a time: no padding to get wrong); NaN when none fits."""
     model.eval()
+    device = next(model.parameters()).device
     hits = total = 0
     for row in x:
+        if limit is not None and total >= limit:
+            break
         targets = row[2].nonzero().flatten()
-        if len(targets) == 0 or int(row[0, targets[-1]]) != end:
-            continue  # cut short at model.max_length: its answer is not all there
-        prompt_ids = row[0, :int(targets[0])][None]
+        if len(targets) == 0 or int(row[0, targets[-1]]) != end or len(targets) > max_new_tokens:
+            continue  # cut short at model.max_length, or longer than may be generated
+        prompt_ids = row[0, :int(targets[0])][None].to(device)
         answer = row[0, targets].tolist()  # the response, then the end token
         out = model.model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
-                                   max_new_tokens=min(max_new_tokens, len(answer)), do_sample=False,
-                                   pad_token_id=end, eos_token_id=end)
+                                   max_new_tokens=len(answer), do_sample=False, pad_token_id=end, eos_token_id=end)
         hits += out[0, prompt_ids.shape[1]:].tolist() == answer
         total += 1
     return (hits / total if total else float("nan")), total

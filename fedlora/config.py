@@ -434,12 +434,16 @@ def _model_location(given: str) -> str:
 def _model_for_own_images(cfg: DictConfig) -> str:
     """The paper CNN whose input shape the user's images have (read here), for model=auto."""
     import copy
+    import os
 
     from fedlora.data import dataset_info
     from fedlora.paths import absolute
 
-    probe = copy.deepcopy(cfg)
-    probe.dataset.path = absolute(str(cfg.dataset.path), "dataset.path", must_exist=True)
+    from fedlora.own_data import looks_local
+
+    probe, given = copy.deepcopy(cfg), str(cfg.dataset.path)
+    if looks_local(given) or os.path.exists(os.path.expanduser(given)):  # else a Hub id
+        probe.dataset.path = absolute(given, "dataset.path", must_exist=True)
     info = dataset_info(probe)
     if not info.default_model:
         raise ConfigError(f"dataset.path={cfg.dataset.path}: images of shape {info.shape} fit none of the paper's "
@@ -469,6 +473,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
         if cfg.model.hf is not None or causal:
             cfg.model.name = "hf"
         elif cfg.dataset.name == "hf" and cfg.dataset.get("image") and cfg.dataset.get("path"):
+            _validate_dataset(cfg)  # before the images are read by what it checks
             cfg.model.name = _model_for_own_images(cfg)
         else:
             cfg.model.name = DATASETS[cfg.dataset.name].default_model

@@ -69,20 +69,12 @@ def dataset_info(cfg) -> DatasetInfo:
     data = read_own(cfg)
     if data.train_images is None:
         return DatasetInfo(len(data.label_names), None, "minilm")
-    return _image_info(len(data.label_names), data.train_images)
-
-
-def _image_info(num_classes: int, images: np.ndarray) -> DatasetInfo:
-    """An image data set's shape, the paper model that takes it (none: "", a pretrained one then), and
-    its training images' per-channel mean and standard deviation on the 0..1 scale."""
     from fedlora.models import MODELS
 
-    shape = tuple(int(d) for d in images.shape[1:])
+    # the paper model that takes their shape (none: "", a pretrained one then), and their own statistics
+    shape = tuple(int(d) for d in data.train_images.shape[1:])
     model = next((name for name, spec in MODELS.items() if spec.input_shape == shape), "")
-    scaled = images.astype(np.float64) / 255.0
-    axes = (0, 2, 3)
-    return DatasetInfo(num_classes, shape, model, tuple(scaled.mean(axis=axes).tolist()),
-                       tuple(np.maximum(scaled.std(axis=axes), 1e-6).tolist()))
+    return DatasetInfo(len(data.label_names), shape, model, *data.image_stats)
 
 
 def check_dataset(cfg) -> None:
@@ -100,8 +92,9 @@ def check_dataset(cfg) -> None:
 
             shape, wants = dataset_info(cfg).shape, MODELS[cfg.model.name].input_shape
             if shape != wants:
-                raise DataError(f"dataset.path={cfg.dataset.path}: images of shape {shape}, and model="
-                                f"{cfg.model.name} takes {wants}: leave model=auto, or set dataset.image_size")
+                raise DataError(f"dataset.path={cfg.dataset.path}: images of shape {shape} (channels, height, width), "
+                                f"and model={cfg.model.name} takes {wants}: leave model=auto, or set "
+                                "dataset.image_size (the channels follow the images: grey or RGB)")
         if cfg.partition.name == "label_count" and cfg.partition.classes_per_client > len(data.label_names):
             raise DataError(f"partition.classes_per_client={cfg.partition.classes_per_client}, and dataset.path="
                             f"{cfg.dataset.path} has {len(data.label_names)} classes")

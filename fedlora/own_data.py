@@ -47,6 +47,7 @@ class OwnData:
     train_groups: np.ndarray | None = None  # partition=natural: each training row's id of its column's value
     train_images: np.ndarray | None = None  # dataset.image: uint8 (N, C, H, W), the texts then empty
     test_images: np.ndarray | None = None
+    image_stats: tuple | None = None  # the training images' per-channel (mean, std), 0..1
 
 
 def _text_columns(dcfg) -> list[str]:
@@ -115,7 +116,7 @@ def _columns(split, columns: list[str], path: str, which: str) -> list[list]:
     missing = [c for c in columns if c not in split.column_names]
     if missing:
         raise DataError(f"dataset.path={path}, split '{which}': no column {missing[0]!r}; its columns: "
-                        f"{', '.join(split.column_names)} (set dataset.text and dataset.label, or for "
+                        f"{', '.join(split.column_names)} (set dataset.text or dataset.image, and dataset.label; for "
                         "model.task=causal_lm dataset.instruction, dataset.input and dataset.response)")
     return [split[c] for c in columns]
 
@@ -185,26 +186,76 @@ def _texts(split, columns: list[str], path: str, which: str, optional: str | Non
     return [values[c] for c in columns]
 
 
-def _images(images: list, path: str, which: str, grey: bool, size: int | None) -> np.ndarray:
-    """uint8 (N, C, H, W) of PIL images: grey (C = 1) or RGB, resized to size x size when given (else
-    they must all have one size)."""
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _decode(item):
+    """A PIL image from what `datasets` holds undecoded (bytes, or a path)."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(item, dict) and (item.get("bytes") or item.get("path")):
+        return Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
+    return item
+
+
+def _pixels(img, grey: bool) -> np.ndarray:
+    """uint8 pixels of one image, grey (H, W) or RGB (H, W, 3): 16- and 32-bit grey scaled to 0..255."""
+    if img.mode in ("I", "I;16", "F"):
+        a = np.asarray(img, np.float64)
+        top = 65535.0 if img.mode != "F" or a.max() > 1.0 else 1.0
+        a = np.clip(a / top * 255.0, 0, 255).astype(np.uint8)
+        return a if grey else np.stack([a] * 3, axis=-1)
+    return np.asarray(img.convert("L" if grey else "RGB"))
+
+
+def is_grey(img) -> bool:
+    """A grey image: in a grey mode, or a palette image whose colours are all grey."""
+    if img.mode in GREY_MODES:
+        return True
+    if img.mode == "P":
+        rgb = np.asarray(img.convert("RGB"))
+        return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+    return False
+
+
+def _images(items: list, path: str, which: str, grey: bool, size: int | None) -> np.ndarray:
+    """uint8 (N, C, H, W) of the images, decoded one at a time (only the resized pixels are kept): grey
+    (C = 1) or RGB, resized to size x size when given (else they must all have one size)."""
     from PIL import Image
 
     arrays = []
-    for i, img in enumerate(images):
+    for i, item in enumerate(items):
+        img = _decode(item)
         if not isinstance(img, Image.Image):
             raise DataError(f"dataset.path={path}, split '{which}', row {i}: the image column holds "
                             f"{type(img).__name__}, not an image")
-        img = img.convert("L" if grey else "RGB")
-        if size:
-            img = img.resize((size, size), Image.BILINEAR)
-        arrays.append(np.asarray(img))
+        with img:
+            if size:
+                img = img.convert("L" if grey else "RGB") if img.mode not in ("I", "I;16", "F") else img
+                img = img.resize((size, size), Image.BILINEAR)
+            arrays.append(_pixels(img, grey))
     shapes = sorted({a.shape for a in arrays})
     if len(shapes) > 1:
         raise DataError(f"dataset.path={path}, split '{which}': images of {len(shapes)} sizes ({shapes[0][:2]}, "
                         f"{shapes[-1][:2]}, ...): set dataset.image_size=N to resize them to N x N")
     stacked = np.stack(arrays)
     return np.ascontiguousarray(stacked[:, None] if grey else stacked.transpose(0, 3, 1, 2))
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 (N, C, H, W) images on the 0..1 scale, summed
+    a thousand images at a time."""
+    sums, squares = np.zeros(images.shape[1]), np.zeros(images.shape[1])
+    for start in range(0, len(images), 1000):
+        part = images[start:start + 1000].astype(np.float64) / 255.0
+        sums += part.sum(axis=(0, 2, 3))
+        squares += (part ** 2).sum(axis=(0, 2, 3))
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = sums / n
+    std = np.sqrt(np.maximum(squares / n - mean ** 2, 1e-12))
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 @lru_cache(maxsize=4)
@@ -224,8 +275,13 @@ def _read(key: str) -> OwnData:
             instruction, given, response = _texts(split, [dcfg.instruction, dcfg.input, dcfg.response], path, which,
                                                   optional=dcfg.input)
             return [[prompt(i, g, dcfg.template) for i, g in zip(instruction, given)], response]
-        if dcfg.get("image"):
-            return _columns(split, [dcfg.image, dcfg.label], path, which)
+        if dcfg.get("image"):  # undecoded: each image is decoded, resized and let go in turn
+            import datasets
+
+            _columns(split, [dcfg.image, dcfg.label], path, which)
+            if isinstance(split.features[dcfg.image], datasets.Image):
+                split = split.cast_column(dcfg.image, datasets.Image(decode=False))
+            return [split[dcfg.image], split[dcfg.label]]
         return _texts(split, _text_columns(dcfg), path, which) + _columns(split, [dcfg.label], path, which)
 
     train = _split(ds, dcfg.train_split, path)
@@ -265,11 +321,19 @@ def _read(key: str) -> OwnData:
     y_train, y_test, names = _label_ids(train_cols[-1], test_cols[-1], train.features[label],
                                         test.features[label], path, label)
     if dcfg.get("image"):  # grey when every training image is, as the test images are then read
-        grey = all(getattr(img, "mode", "") in ("L", "1", "I;16", "I", "F") for img in train_cols[0])
+        grey = True
+        for item in train_cols[0]:
+            img = _decode(item)
+            grey = grey and hasattr(img, "mode") and is_grey(img)
+            if hasattr(img, "close"):
+                img.close()
+            if not grey:
+                break
         size = dcfg.get("image_size")
-        return OwnData((), y_train, (), y_test, names, _source(path, key), groups,
-                       _images(train_cols[0], path, dcfg.train_split, grey, size),
-                       _images(test_cols[0], path, dcfg.test_split or "held-out", grey, size))
+        train_images = _images(train_cols[0], path, dcfg.train_split, grey, size)
+        return OwnData((), y_train, (), y_test, names, _source(path, key), groups, train_images,
+                       _images(test_cols[0], path, dcfg.test_split or "held-out", grey, size),
+                       channel_stats(train_images))
     return OwnData(tuple(tuple(c) for c in train_cols[:-1]), y_train, tuple(tuple(c) for c in test_cols[:-1]),
                    y_test, names, _source(path, key), groups)
 

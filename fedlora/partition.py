@@ -68,6 +68,10 @@ def partition_indices(labels: np.ndarray, num_clients: int, pcfg, seed: int,
     labels = np.asarray(labels)
     # IidPartitioner cuts contiguous shards: the rows are shuffled first, with the run's seed.
     order = np.random.default_rng(seed).permutation(len(labels)) if pcfg.name == "iid" else np.arange(len(labels))
+    if pcfg.name == "shard" and len(labels) < num_clients * int(pcfg.shards_per_client):
+        raise ConfigError(f"partition=shard: {len(labels)} samples cannot make {num_clients} x "
+                          f"{pcfg.shards_per_client} shards of one sample or more; use partition.shards_per_client="
+                          f"{max(1, len(labels) // num_clients)} or less")
     partitioner = PARTITIONERS[pcfg.name](num_clients, pcfg, seed)
     columns = {"row": order, "label": labels[order].astype(np.int64)}
     if pcfg.name == "natural":
@@ -76,8 +80,9 @@ def partition_indices(labels: np.ndarray, num_clients: int, pcfg, seed: int,
                               f"partition.by=COLUMN (its data set has its own columns)")
         distinct = len(np.unique(groups))
         if distinct != num_clients:
-            raise ConfigError(f"partition=natural by '{pcfg.by}': its {distinct} distinct values make {distinct} "
-                              f"clients; set num_clients={distinct} (now {num_clients})")
+            raise ConfigError(f"partition=natural by '{pcfg.by}': the training rows (after the test hold-out and "
+                              f"data.train_samples) hold {distinct} distinct values, {distinct} clients; set "
+                              f"num_clients={distinct} (now {num_clients})")
         columns["group"] = np.asarray(groups)[order]
     partitioner.dataset = datasets.Dataset.from_dict(columns)
     try:

@@ -152,16 +152,20 @@ class GlobalEvaluation:
         self.model = method.initial_model()
         self.x, self.y = test_tensors(cfg)
         self.device = pick_device()
+        if cfg.eval.get("generate"):  # the token that ends an answer
+            from fedlora.causal import end_token
+
+            self.end = end_token(cfg)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.method.load(self.model, arrays, server_round, required=self.method.global_keys(self.model))
         acc, loss = evaluate(self.model, self.x, self.y, self.cfg.eval.batch_size, self.device)
         scores = MetricRecord({"accuracy": acc, "loss": loss})
         if self.cfg.eval.get("generate"):  # a causal LM's answers, generated
-            from fedlora.causal import end_token, exact_match
+            from fedlora.causal import exact_match
 
-            share, _ = exact_match(self.model, self.x[:self.cfg.eval.generate_examples].to(self.device),
-                                   end_token(self.cfg), self.cfg.eval.max_new_tokens)
+            share, _ = exact_match(self.model, self.x, self.end, self.cfg.eval.max_new_tokens,
+                                   self.cfg.eval.generate_examples)
             scores["exact_match"] = share
         return scores
 

@@ -203,7 +203,7 @@ def test_partition_natural_gives_one_client_per_value_of_a_column(tmp_path):
     assert len(parts) == 3 and sum(len(p) for p in parts) == len(texts) == 72  # 90, a fifth held out
     assert all(len({writer_of[texts[i]] for i in p}) == 1 for p in parts)  # each client: one writer's texts
     assert len({writer_of[texts[p[0]]] for p in parts}) == 3
-    with pytest.raises(ConfigError, match="its 3 distinct values make 3 clients; set num_clients=3"):
+    with pytest.raises(ConfigError, match="hold 3 distinct values, 3 clients; set num_clients=3"):
         preflight(config(*extra[:3], "num_clients=4"))
     with pytest.raises(ConfigError, match="it needs dataset=hf and partition.by=COLUMN"):
         resolve(compose(["partition=natural", "partition.by=writer"]))
@@ -268,3 +268,14 @@ def test_a_short_run_on_an_image_folder_of_ones_own(ray_address, tmp_path):
     assert summary["status"] == "completed" and summary["labels"] == ["circle", "frame", "stripe"]
     rows = metrics_rows(tmp_path / "run")
     assert [r["round"] for r in rows] == [1, 2] and rows[-1]["test_accuracy"] > 1 / 3  # the shapes are learnable
+
+
+def test_16_bit_and_palette_grey_images_are_read_as_grey_on_the_8_bit_scale():
+    from PIL import Image
+
+    from fedlora.own_data import _pixels, is_grey
+
+    deep = Image.fromarray(np.array([[0, 32768], [65535, 16384]], np.uint16))
+    assert is_grey(deep) and _pixels(deep, grey=True).tolist() == [[0, 127], [255, 63]]
+    palette = Image.fromarray(np.array([[0, 128], [255, 64]], np.uint8)).convert("P")
+    assert is_grey(palette) and not is_grey(Image.new("RGB", (2, 2), (10, 200, 30)).convert("P"))

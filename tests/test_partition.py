@@ -88,3 +88,10 @@ def test_partition_shard_deals_equal_label_sorted_shards():
     assert [len(p) for p in parts] == [60] * 10  # 20 shards of 30 rows, two each
     assert len(np.unique(np.concatenate(parts))) == 600
     assert all(len(np.unique(labels[p])) <= 2 for p in parts)  # a shard holds one class here
+
+
+def test_partition_shard_with_more_shards_than_samples_is_a_config_error():
+    from fedlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="48 samples cannot make 3 x 40 shards .*shards_per_client=16 or less"):
+        partition_indices(np.repeat(np.arange(3), 16), 3, pcfg(name="shard", shards_per_client=40), seed=0)
