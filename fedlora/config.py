@@ -27,19 +27,19 @@ from fedlora.structured import as_dict, settings, typed
 @dataclass
 class DatasetConfig:
     # fmnist, svhn, cifar10, cifar100, agnews (classes and shapes: fedlora.data.DATASETS), or hf: a
-    # user's own text data at `path` (fedlora/own_data.py), whose other settings are below
+    # user's own text or image data at `path` (fedlora/own_data.py), whose other settings are below
     name: str = MISSING
     path: Optional[str] = None  # a local CSV, TSV, JSON-lines or Parquet file, a folder, or a Hub id
     subset: Optional[str] = None  # a Hub data set's configuration (glue: sst2, ...)
     train_split: str = "train"
-    test_split: Optional[str] = None  # none: a seeded hold-out of test_fraction of the training split
+    test_split: Optional[str] = None  # none: a hold-out of test_fraction of the training split
     test_fraction: float = 0.2
     text: Any = "text"  # the text column, or [first, second] for sentence pairs
     label: str = "label"
-    # model.task=causal_lm: the instruction, the (optional) input and the response columns, and the
-    # prompt, with {instruction} and {input} (null: Alpaca's)
     image: Optional[str] = None  # an image column instead of text (a folder of class sub-folders: image)
     image_size: Optional[int] = None  # resize every image to N x N (images of several sizes need it)
+    # model.task=causal_lm: the instruction, the (optional) input and the response columns, and the
+    # prompt, with {instruction} and {input} (null: Alpaca's)
     instruction: str = "instruction"
     input: str = "input"
     response: str = "response"
@@ -395,11 +395,11 @@ def validate(cfg: DictConfig) -> None:
     if dp.where not in ("client", "server"):
         raise ConfigError(f"dp.where must be client (DP-SGD on each client) or server (central DP: clipped updates, "
                           f"a noised average) (got {dp.where})")
-    if dp.where == "server" and (dp.noise_multiplier is not None or dp.epsilon is not None) and cfg.too_few == "retry":
+    central = dp.where == "server" and (dp.noise_multiplier is not None or dp.epsilon is not None)
+    if central and cfg.too_few == "retry":
         raise ConfigError("dp.where=server divides each round's sum of updates by clients_per_round, so a round cannot "
                           "ask more clients (too_few=retry): use too_few=keep")
-    if dp.where == "server" and (dp.noise_multiplier is not None or dp.epsilon is not None) \
-            and not method_class(cfg.method.name).averages():
+    if central and not method_class(cfg.method.name).averages():
         able = _choices(name for name, m in METHODS.items() if m.averages())
         raise ConfigError(f"dp.where=server clips each client's update and noises their average; method="
                           f"{cfg.method.name} combines the replies otherwise, so the noise would not bound what it "
@@ -433,18 +433,9 @@ def _model_location(given: str) -> str:
 
 def _model_for_own_images(cfg: DictConfig) -> str:
     """The paper CNN whose input shape the user's images have (read here), for model=auto."""
-    import copy
-    import os
-
     from fedlora.data import dataset_info
-    from fedlora.paths import absolute
 
-    from fedlora.own_data import looks_local
-
-    probe, given = copy.deepcopy(cfg), str(cfg.dataset.path)
-    if looks_local(given) or os.path.exists(os.path.expanduser(given)):  # else a Hub id
-        probe.dataset.path = absolute(given, "dataset.path", must_exist=True)
-    info = dataset_info(probe)
+    info = dataset_info(cfg)
     if not info.default_model:
         raise ConfigError(f"dataset.path={cfg.dataset.path}: images of shape {info.shape} fit none of the paper's "
                           "CNNs ((1, 28, 28) or (3, 32, 32)): set dataset.image_size=28 or 32, or fine-tune a "
@@ -467,6 +458,12 @@ def resolve(cfg: DictConfig) -> DictConfig:
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     except OmegaConfBaseException as e:
         raise ConfigError(str(e).splitlines()[0]) from e
+    if cfg.dataset.get("path"):  # made absolute before model=auto reads one's own images there
+        from fedlora.own_data import looks_local
+
+        given = str(cfg.dataset.path)
+        if looks_local(given) or os.path.exists(os.path.expanduser(given)):  # else a Hub id
+            cfg.dataset.path = absolute(given, "dataset.path", must_exist=True)
     if cfg.model.name == "auto" and cfg.dataset.name in DATASETS:
         # model.hf alone names a pretrained model: the records say "hf", not the paper's CNN
         causal = cfg.model.get("task") == "causal_lm"  # no default causal LM: model.hf names one (validate says so)
@@ -494,12 +491,6 @@ def resolve(cfg: DictConfig) -> DictConfig:
         cfg.data.root = absolute(os.environ["FEDLORA_DATA"], "FEDLORA_DATA", must_exist=exists)
     if cfg.data.cache_dir is not None:
         cfg.data.cache_dir = absolute(cfg.data.cache_dir, "data.cache_dir")
-    if cfg.dataset.get("path"):
-        from fedlora.own_data import looks_local
-
-        given = str(cfg.dataset.path)
-        if looks_local(given) or os.path.exists(os.path.expanduser(given)):  # else a Hub id
-            cfg.dataset.path = absolute(given, "dataset.path", must_exist=True)
     if cfg.resume is not None:
         cfg.resume = absolute(cfg.resume, "resume", must_exist=True)
     validate(cfg)

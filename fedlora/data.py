@@ -323,10 +323,11 @@ def _load_own(cfg, split: str) -> Split:
     from fedlora.text import tokenize
 
     data = read_own(cfg)
-    texts, labels = (data.train_texts, data.train_labels) if split == "train" else (data.test_texts, data.test_labels)
+    train = split == "train"
+    texts, labels = (data.train_texts, data.train_labels) if train else (data.test_texts, data.test_labels)
+    groups = data.train_groups if train else None
     if data.train_images is not None:
-        images = data.train_images if split == "train" else data.test_images
-        return Split(images, labels, data.train_groups if split == "train" else None)
+        return Split(data.train_images if train else data.test_images, labels, groups)
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
     if cfg.model.get("task") == "causal_lm":  # texts are (prompts, responses)
         from fedlora.causal import tokenize_instructions
@@ -340,10 +341,10 @@ def _load_own(cfg, split: str) -> Split:
         if empty:
             log.warning("%d of the %d %s examples lose their whole response at model.max_length=%d: they teach "
                         "nothing", empty, len(tokens), split, cfg.model.max_length)
-        return Split(tokens, labels, data.train_groups if split == "train" else None)
+        return Split(tokens, labels, groups)
     tokens = tokenize(list(texts[0]), model_path(cfg.model.hf), cfg.model.max_length, cache, f"{data.source}-{split}",
                       pairs=list(texts[1]) if len(texts) > 1 else None)
-    return Split(tokens, labels, data.train_groups if split == "train" else None)
+    return Split(tokens, labels, groups)
 
 
 def load_full(cfg, split: str) -> Split:

@@ -51,11 +51,12 @@ class OwnData:
 
 
 def _text_columns(dcfg) -> list[str]:
-    text = dcfg.text
-    columns = [text] if isinstance(text, str) else list(text)
-    if not 1 <= len(columns) <= 2:
-        raise DataError(f"dataset.text names one text column, or two for sentence pairs (got {list(columns)})")
-    return columns
+    """dataset.text as a list (one or two columns: fedlora.config checks it)."""
+    return [dcfg.text] if isinstance(dcfg.text, str) else list(dcfg.text)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def looks_local(path: str) -> bool:
@@ -88,18 +89,18 @@ def _load(dcfg):
     except (ConnectionError, OSError) as e:
         if local.exists():  # an empty folder, one that datasets finds nothing in
             raise DataError(f"dataset.path={path} holds nothing that datasets reads ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}): give CSV, TSV, JSON-lines or Parquet files, "
+                            f"{_first_line(e)}): give CSV, TSV, JSON-lines or Parquet files, "
                             "or a save_to_disk folder") from e
         raise DataError(f"dataset.path={path} is not a local file or folder, and as a Hugging Face Hub id it needs "
-                        f"internet ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); give a local "
+                        f"internet ({type(e).__name__}: {_first_line(e)}); give a local "
                         "path, or run where the Hub can be reached") from e
     except ValueError as e:
         if "corresponds to no data" in str(e):  # a file of a header alone
             raise DataError(f"dataset.path={path} holds no rows") from e
-        raise DataError(f"dataset.path={path} could not be read by datasets: {str(e).splitlines()[0]}") from e
+        raise DataError(f"dataset.path={path} could not be read by datasets: {_first_line(e)}") from e
     except Exception as e:  # what `datasets` raises for a file it cannot parse, a folder it cannot read
         raise DataError(f"dataset.path={path} could not be read by datasets: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from e
+                        f"{_first_line(e)}") from e
 
 
 def _split(ds, name: str, path: str):

@@ -7,8 +7,9 @@ travels up) is clipped to norm C; the clipped updates are summed with equal weig
 n = clients_per_round, the number of clients sampled (the mean when all of them replied; the
 accounting holds for this uniform, fixed-denominator average only: with example weights one client's
 share, and so its sensitivity, could be larger than 1/n, and with the number of replies as divisor it
-would depend on who replied); Gaussian noise of standard deviation σ C / n is added. What the server does with the noised average afterwards (FedMUD's fold, the
-broadcast, clamping BatchNorm's running variances at 0) is post-processing and costs no privacy.
+would depend on who replied); Gaussian noise of standard deviation σ C / n is added. What the server
+does with the noised average afterwards (FedMUD's fold, the broadcast, clamping BatchNorm's running
+variances at 0) is post-processing and costs no privacy.
 
 Why not Flower's class itself: it pairs a reply's arrays with the global model's by position (here a
 reply carries what the method sends up, a part of the global state), noises everything its inner
