@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fedlora.errors import ConfigError
 from fedlora.text import TextClassifier, cached_tokens, load_tokenizer
@@ -113,42 +112,6 @@ class CausalLM(TextClassifier):
             correct += int((predicted.argmax(-1) == ids[targets]).sum())
             count += int(targets.sum())
         return loss, correct, count
-
-
-def load_causal_lm(name: str, seed: int, num_layers: int | None = None) -> nn.Module:
-    """A pretrained causal LM (a Hub id, or a local folder); `num_layers` keeps only the first layers."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from fedlora.hf import model_path
-
-    extra = {"num_hidden_layers": num_layers} if num_layers else {}
-    hf_logging.set_verbosity_error()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            # float32, as the adapters are (a checkpoint in bf16 would otherwise load as bf16)
-            model = AutoModelForCausalLM.from_pretrained(model_path(name), dtype=torch.float32, **extra)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot load model '{name}' as a causal LM: {str(e).splitlines()[0]} (offline, give "
-                              "model.hf a local folder)") from e
-    check_causal(model, name)
-    return model
-
-
-def check_causal(model: nn.Module, name: str) -> None:
-    """ConfigError unless a token's logits depend on the tokens before it only: an encoder (BERT,
-    MiniLM) loaded as a language model sees the token it is to predict."""
-    vocab = int(model.config.vocab_size)
-    ids = torch.arange(8).remainder(vocab)[None] + 1
-    changed = ids.clone()
-    changed[0, -1] = (ids[0, -1] + 1) % vocab
-    with torch.no_grad():
-        before, after = (model(input_ids=t).logits[0, :-1] for t in (ids, changed))
-    if not torch.allclose(before, after, atol=1e-5):
-        raise ConfigError(f"model '{name}' is not causal: its predictions at a position change with the tokens after "
-                          "it (an encoder such as BERT or MiniLM); model.task=causal_lm needs a decoder (GPT-2, Llama, "
-                          "Qwen, SmolLM, ...)")
 
 
 @torch.no_grad()

@@ -434,13 +434,15 @@ def _model_location(given: str) -> str:
 def _model_for_own_images(cfg: DictConfig) -> str:
     """The paper CNN whose input shape the user's images have (read here), for model=auto."""
     from fedlora.data import dataset_info
+    from fedlora.models import model_for_shape
 
     info = dataset_info(cfg)
-    if not info.default_model:
+    model = model_for_shape(info.shape)
+    if not model:
         raise ConfigError(f"dataset.path={cfg.dataset.path}: images of shape {info.shape} fit none of the paper's "
                           "CNNs ((1, 28, 28) or (3, 32, 32)): set dataset.image_size=28 or 32, or fine-tune a "
                           "pretrained image classifier (model.hf=ID_OR_PATH adapter=lora)")
-    return info.default_model
+    return model
 
 
 def resolve(cfg: DictConfig) -> DictConfig:

@@ -69,12 +69,10 @@ def dataset_info(cfg) -> DatasetInfo:
     data = read_own(cfg)
     if data.train_images is None:
         return DatasetInfo(len(data.label_names), None, "minilm")
-    from fedlora.models import MODELS
-
-    # the paper model that takes their shape (none: "", a pretrained one then), and their own statistics
+    # their shape and their own statistics; the paper model for them is the one of their shape
+    # (fedlora.models.model_for_shape, which model=auto takes)
     shape = tuple(int(d) for d in data.train_images.shape[1:])
-    model = next((name for name, spec in MODELS.items() if spec.input_shape == shape), "")
-    return DatasetInfo(len(data.label_names), shape, model, *data.image_stats)
+    return DatasetInfo(len(data.label_names), shape, "", *data.image_stats)
 
 
 def check_dataset(cfg) -> None:
@@ -87,14 +85,6 @@ def check_dataset(cfg) -> None:
         if n < cfg.num_clients:
             raise DataError(f"dataset.path={cfg.dataset.path}: {n} training examples for num_clients={cfg.num_clients}; "
                             "every client needs at least one (fewer clients, or more data)")
-        if data.train_images is not None and cfg.adapter is None:  # a paper CNN: of the images' shape
-            from fedlora.models import MODELS
-
-            shape, wants = dataset_info(cfg).shape, MODELS[cfg.model.name].input_shape
-            if shape != wants:
-                raise DataError(f"dataset.path={cfg.dataset.path}: images of shape {shape} (channels, height, width), "
-                                f"and model={cfg.model.name} takes {wants}: leave model=auto, or set "
-                                "dataset.image_size (the channels follow the images: grey or RGB)")
         if cfg.partition.name == "label_count" and cfg.partition.classes_per_client > len(data.label_names):
             raise DataError(f"partition.classes_per_client={cfg.partition.classes_per_client}, and dataset.path="
                             f"{cfg.dataset.path} has {len(data.label_names)} classes")

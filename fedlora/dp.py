@@ -25,6 +25,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -98,13 +99,13 @@ def epsilon(history: list[list[float]], delta: float) -> float:
         return float(accountant.get_epsilon(delta))
 
 
-def dp_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: DPSpec,
-            generator: torch.Generator) -> tuple[float, int]:
+def dp_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: DPSpec, generator: torch.Generator,
+            mean_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]) -> tuple[float, int]:
     """Set the gradients of what trains to one DP-SGD step's on the batch (x, y): each example's
     gradient (one backward pass each: exact for any module, a pretrained model's data-dependent
     masking included) clipped to norm C, summed, noised with N(0, σ² C²), over the expected batch
-    size. Returns the batch's summed loss and the number of predictions it sums over."""
-    from fedlora.training import mean_loss
+    size; `mean_loss(model, x, y)` is the loss of a batch and the predictions it is the mean over
+    (`fedlora.training.mean_loss`). Returns the batch's summed loss and its number of predictions."""
 
     params = [p for p in model.parameters() if p.requires_grad]
     summed = [torch.zeros_like(p) for p in params]

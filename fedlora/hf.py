@@ -61,6 +61,40 @@ def load_classifier(name: str, num_labels: int, seed: int, num_layers: int | Non
                               f"use a local path{'' if image else f' or the default {MINILM}'})") from e
 
 
+def load_causal_lm(name: str, seed: int, num_layers: int | None = None) -> nn.Module:
+    """A pretrained causal LM (a Hub id, or a local folder); `num_layers` keeps only the first layers."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    extra = {"num_hidden_layers": num_layers} if num_layers else {}
+    hf_logging.set_verbosity_error()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            # float32, as the adapters are (a checkpoint in bf16 would otherwise load as bf16)
+            model = AutoModelForCausalLM.from_pretrained(model_path(name), dtype=torch.float32, **extra)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load model '{name}' as a causal LM: {str(e).splitlines()[0]} (offline, give "
+                              "model.hf a local folder)") from e
+    check_causal(model, name)
+    return model
+
+
+def check_causal(model: nn.Module, name: str) -> None:
+    """ConfigError unless a token's logits depend on the tokens before it only: an encoder (BERT,
+    MiniLM) loaded as a language model sees the token it is to predict."""
+    vocab = int(model.config.vocab_size)
+    ids = torch.arange(8).remainder(vocab)[None] + 1
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % vocab
+    with torch.no_grad():
+        before, after = (model(input_ids=t).logits[0, :-1] for t in (ids, changed))
+    if not torch.allclose(before, after, atol=1e-5):
+        raise ConfigError(f"model '{name}' is not causal: its predictions at a position change with the tokens after "
+                          "it (an encoder such as BERT or MiniLM); model.task=causal_lm needs a decoder (GPT-2, Llama, "
+                          "Qwen, SmolLM, ...)")
+
+
 class ImageClassifier(nn.Module):
     """A Hugging Face image classifier that takes a data set's normalised (B, C, H, W) batches: grey
     images get three channels, sizes are resized (bilinear) to the model's, and the normalisation is
@@ -122,8 +156,6 @@ def export_adapted(model: nn.Module, out_dir: str | Path, cfg, num_labels: int, 
     if all(_is_plain_lora(layer) for _, layer in layers):
         task = "image" if isinstance(model, ImageClassifier) else cfg.model.get("task", "classification")
         if task == "causal_lm":
-            from fedlora.causal import load_causal_lm
-
             base = load_causal_lm(cfg.model.hf, seed, cfg.model.num_layers)
         else:
             base = load_classifier(cfg.model.hf, num_labels, seed, cfg.model.num_layers, task == "image")

@@ -105,6 +105,11 @@ MODELS = {
 }
 
 
+def model_for_shape(shape: tuple[int, ...] | None) -> str:
+    """The first paper model that takes inputs of `shape` ("" when none does)."""
+    return next((name for name, spec in MODELS.items() if spec.input_shape == shape), "")
+
+
 def build_model(name: str, num_classes: int, seed: int) -> nn.Module:
     """The model with its initial weights drawn from `seed` (on CPU, so identical everywhere)."""
     with torch.random.fork_rng(devices=[]):
@@ -121,7 +126,7 @@ def _pretrained(hf: str, num_labels: int, seed: int, num_layers: int | None, ima
 
 @lru_cache(maxsize=2)
 def _causal_lm(hf: str, seed: int, num_layers: int | None) -> nn.Module:
-    from fedlora.causal import load_causal_lm
+    from fedlora.hf import load_causal_lm
 
     return load_causal_lm(hf, seed, num_layers)
 

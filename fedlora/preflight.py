@@ -7,15 +7,23 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from fedlora import dp
-from fedlora.data import check_dataset
+from fedlora.data import check_dataset, dataset_info
+from fedlora.errors import DataError
 from fedlora.federated_data import federated_data
 from fedlora.methods import make_method
+from fedlora.models import MODELS
 
 
 def preflight(cfg: DictConfig) -> None:
     """Raise a FedloraError (ConfigError or DataError) that says what is wrong; the work done here
     (decoded data, partitions, the pretrained model read) is kept for the run in this process."""
     check_dataset(cfg)
+    if cfg.dataset.name == "hf" and cfg.dataset.get("image") and cfg.adapter is None:  # a paper CNN: of their shape
+        shape, wants = dataset_info(cfg).shape, MODELS[cfg.model.name].input_shape
+        if shape != wants:
+            raise DataError(f"dataset.path={cfg.dataset.path}: images of shape {shape} (channels, height, width), "
+                            f"and model={cfg.model.name} takes {wants}: leave model=auto, or set "
+                            "dataset.image_size (the channels follow the images: grey or RGB)")
     model = make_method(cfg).initial_model()
     if dp.client_side(cfg):
         dp.check_model(model)

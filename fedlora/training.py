@@ -63,7 +63,7 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, local, seed:
             g = torch.Generator().manual_seed(seed)
             for _ in range(dp.steps):
                 idx = (torch.rand(len(y), generator=g) < dp.sample_rate).nonzero().flatten()
-                loss_sum, n = dp_step(model, x[idx].to(device), y[idx].to(device), dp, g)
+                loss_sum, n = dp_step(model, x[idx].to(device), y[idx].to(device), dp, g, mean_loss)
                 total, count = total + loss_sum, count + n
                 opt.step()
         for idx in batch_order(len(y), local.batch_size, local.epochs, seed, local.get("steps")) if dp is None else ():

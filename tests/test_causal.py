@@ -90,7 +90,8 @@ def test_only_the_response_and_the_end_token_are_targets(tiny_llama):
 
 
 def test_the_loss_is_hugging_faces_with_the_prompt_masked_out(tiny_llama):
-    from fedlora.causal import CausalLM, load_causal_lm, prompt, tokenize_instructions
+    from fedlora.causal import CausalLM, prompt, tokenize_instructions
+    from fedlora.hf import load_causal_lm
 
     rows = examples(6)
     x = torch.from_numpy(tokenize_instructions([prompt(e["instruction"], e["input"], None) for e in rows],
@@ -124,8 +125,7 @@ def test_a_bad_template_and_a_label_partition_are_refused(tiny_llama, instructio
 
 
 def test_an_encoder_is_refused_as_a_causal_lm_and_so_is_a_length_that_leaves_no_response(tiny_llama, instructions):
-    from fedlora.causal import load_causal_lm
-    from fedlora.hf import MINILM, model_path
+    from fedlora.hf import MINILM, load_causal_lm, model_path
     from fedlora.preflight import preflight
 
     with pytest.raises(ConfigError, match="is not causal: its predictions at a position change with the tokens after"):
@@ -143,7 +143,8 @@ def test_a_2_round_federated_run_lowers_the_held_out_loss_and_exports_for_peft(t
                                                                                 ray_address, tmp_path):
     from peft import PeftModel
 
-    from fedlora.causal import load_causal_lm, prompt, tokenize_instructions
+    from fedlora.causal import prompt, tokenize_instructions
+    from fedlora.hf import load_causal_lm
     from fedlora.checkpoint import read_checkpoint
     from fedlora.methods import make_method
     from fedlora.simulation import run_simulation
@@ -179,7 +180,8 @@ def test_a_2_round_federated_run_lowers_the_held_out_loss_and_exports_for_peft(t
 def test_exact_match_counts_the_answers_that_greedy_generation_gives_whole(tiny_llama):
     """A tiny Llama trained (all its weights, centrally) until it knows the colours answers them all;
     the same prompts with other responses match none; an example cut short is not counted."""
-    from fedlora.causal import CausalLM, exact_match, load_causal_lm, prompt, tokenize_instructions
+    from fedlora.causal import CausalLM, exact_match, prompt, tokenize_instructions
+    from fedlora.hf import load_causal_lm
 
     rows = [{"instruction": f"What colour is the {t} ?", "input": "", "response": c} for t, c in sorted(COLOURS.items())]
     prompts, answers = [prompt(r["instruction"], "", None) for r in rows], [r["response"] for r in rows]

@@ -17,6 +17,7 @@ from fedlora.config import compose, resolve
 from fedlora.dp import DPSpec, PrivacyLedger, client_spec, dp_step, epsilon
 from fedlora.errors import ConfigError
 from fedlora.federated_data import client_tensors
+from fedlora.training import mean_loss
 
 
 def clipped_mean_by_hand(model, x, y, clip, expected):
@@ -40,14 +41,14 @@ def test_a_dp_step_is_the_clipped_per_example_sum_over_the_expected_batch_plus_n
     x, y = x[:6], y[:6]
     clip = 0.05  # small enough that every example is clipped
     want = clipped_mean_by_hand(model, x, y, clip, expected=8.0)
-    dp_step(model, x, y, DPSpec(0.0, clip, 0.5, 1, 8.0), torch.Generator().manual_seed(0))
+    dp_step(model, x, y, DPSpec(0.0, clip, 0.5, 1, 8.0), torch.Generator().manual_seed(0), mean_loss)
     got = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
     assert set(got) == set(want) and any(".lora_" in k for k in got)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-7)
     assert float(torch.sqrt(sum(g.pow(2).sum() for g in got.values()))) <= 6 * clip / 8 + 1e-6
     # the noise: standard deviation σ C / expected batch, on an empty batch the gradient is noise alone
-    dp_step(model, x[:0], y[:0], DPSpec(2.0, 0.5, 0.5, 1, 4.0), torch.Generator().manual_seed(1))
+    dp_step(model, x[:0], y[:0], DPSpec(2.0, 0.5, 0.5, 1, 4.0), torch.Generator().manual_seed(1), mean_loss)
     noise = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
     assert float(noise.std()) == pytest.approx(2.0 * 0.5 / 4.0, rel=0.02) and abs(float(noise.mean())) < 0.01
 
