@@ -19,8 +19,9 @@ What a node holds itself is its node config:
 - `num-partitions` (optional): checked against the run's num_clients before the first round;
 - `data-root` (optional): where this node finds the shared data set (by default the run's data.root
   where that exists on the node, else the node's FEDLORA_DATA);
-- `local-data` (optional): a folder laid out like a data root whose whole training split is this
-  node's own data (no partitioning); the server learns only how many examples it holds;
+- `local-data` (optional): this node's own data, all of it (no partitioning): a folder laid out like
+  a data root (its training split), or under dataset=hf a file or folder in its formats, read with
+  the run's columns and class names; the server learns only how many examples it holds;
 - `rank` (optional): the adapter rank this node trains, under a method that takes heterogeneous
   ranks (an edge GPU with less memory trains a smaller adapter);
 - `num-threads` (optional): torch threads; by default torch's, which Ray sets to a virtual client's

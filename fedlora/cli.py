@@ -32,6 +32,11 @@ def _main(cfg: DictConfig) -> None:
             cfg, _ = resumed_config(cfg.resume, list(hydra_cfg.overrides.task))
             run_dir = cfg.resume
         setup_logging(cfg.verbose)
+        if cfg.data.on_nodes:
+            from fedlora.errors import ConfigError
+
+            raise ConfigError("data.on_nodes=true is for deployments whose nodes bring their own local-data "
+                              "(flwr run, docs/deploy.md); a simulation's virtual clients share the data set")
         # The data, the partitions and the model are checked before Ray starts, so that a mistake in
         # them stops here; the ServerApp, in this same process, reuses what they read.
         from fedlora.preflight import preflight

@@ -38,6 +38,9 @@ class DatasetConfig:
     label: str = "label"
     image: Optional[str] = None  # an image column instead of text (a folder of class sub-folders: image)
     image_size: Optional[int] = None  # resize every image to N x N (images of several sizes need it)
+    # the class names in id order, which the labels are matched to as text (null: the data set's
+    # ClassLabel names, or its sorted label values); the server sends them to nodes with their own data
+    labels: Optional[list] = None
     # model.task=causal_lm: the instruction, the (optional) input and the response columns, and the
     # prompt, with {instruction} and {input} (null: Alpaca's)
     instruction: str = "instruction"
@@ -87,6 +90,10 @@ class DataConfig:
     download: bool = False  # fetch missing data sets through torchvision (needs internet)
     train_samples: Optional[int] = None  # a seeded random subset of the training split; null: all
     test_samples: Optional[int] = None  # likewise for the test split
+    # a deployment whose every node trains on its own local-data: the server reads no training data,
+    # only the test split (dataset=hf: dataset.test_split, else all of dataset.path), or none at all
+    # (dataset=hf without dataset.path, the clients evaluating under eval.clients=true)
+    on_nodes: bool = False
 
 
 @dataclass
@@ -228,11 +235,29 @@ def _validate_method(cfg: DictConfig, pretrained: bool) -> None:
 def _validate_dataset(cfg: DictConfig) -> None:
     d = cfg.dataset
     if d.name != "hf":
-        if d.path is not None:
-            raise ConfigError(f"dataset.path is for dataset=hf (a data set of one's own); dataset={d.name} is read from "
-                              "data.root")
+        for key in ("path", "labels"):
+            if d.get(key) is not None:
+                raise ConfigError(f"dataset.{key} is for dataset=hf (a data set of one's own); dataset={d.name} is "
+                                  "read from data.root")
         return
-    if not d.path:
+    causal = cfg.model.get("task") == "causal_lm"
+    if d.get("labels") is not None:
+        names = [str(n) for n in d.labels] if OmegaConf.is_list(d.labels) else []
+        if causal or len(names) < 2 or len(set(names)) < len(names) or not all(names):
+            raise ConfigError("dataset.labels names a classifier's classes: two or more distinct names, in id order "
+                              f"(got {d.labels}{', and model.task=causal_lm has none' if causal else ''})")
+    if cfg.data.on_nodes:
+        if d.get("image"):
+            raise ConfigError("data.on_nodes=true: a node's own local-data holds text or instructions; images are "
+                              "read from a dataset.path that the server and the nodes share")
+        if not d.path:
+            if not cfg.eval.clients:
+                raise ConfigError("data.on_nodes=true without dataset.path: the server has no test data, so the "
+                                  "clients must evaluate (eval.clients=true), or give the server a test file")
+            if not causal and d.get("labels") is None:
+                raise ConfigError("data.on_nodes=true without dataset.path: the server reads no labels, so name the "
+                                  "run's classes with dataset.labels=[...]")
+    elif not d.path:
         raise ConfigError("dataset=hf needs dataset.path: a local CSV, TSV, JSON-lines or Parquet file, a folder "
                           "(save_to_disk's, or of such files), or a Hugging Face Hub id")
     if d.test_split is None and not 0 < d.test_fraction < 1:

@@ -64,6 +64,10 @@ def dataset_info(cfg) -> DatasetInfo:
     """The run's data set's classes and shapes: a built-in's, or those of the user's own (read)."""
     if cfg.dataset.name != "hf":
         return DATASETS[cfg.dataset.name]
+    if cfg.model.get("task") == "causal_lm":  # one class: the tokens are the targets
+        return DatasetInfo(1, None, "minilm")
+    if cfg.dataset.get("labels") is not None and not cfg.dataset.get("image"):  # nothing to read
+        return DatasetInfo(len(cfg.dataset.labels), None, "minilm")
     from fedlora.own_data import read_own
 
     data = read_own(cfg)
@@ -80,6 +84,10 @@ def check_dataset(cfg) -> None:
     if cfg.dataset.name == "hf":
         from fedlora.own_data import read_own
 
+        if cfg.data.get("on_nodes"):  # the nodes' own data: the server reads its test split, if any
+            if cfg.dataset.path:
+                read_own(cfg)
+            return
         data = read_own(cfg)
         n = len(data.train_labels)
         if n < cfg.num_clients:
@@ -307,12 +315,14 @@ def has_dataset(name: str, root: Optional[str]) -> bool:
     return True
 
 
-def _load_own(cfg, split: str) -> Split:
+def load_own(cfg, split: str, role: str | None = None) -> Split:
+    """A split of one's own data (dataset=hf), tokenized for the run's model: of the run's data
+    set, or (role=node) of a node's own local-data at dataset.path (`fedlora.own_data.read_own`)."""
     from fedlora.hf import model_path
     from fedlora.own_data import read_own
     from fedlora.text import tokenize
 
-    data = read_own(cfg)
+    data = read_own(cfg, role)
     train = split == "train"
     texts, labels = (data.train_texts, data.train_labels) if train else (data.test_texts, data.test_labels)
     groups = data.train_groups if train else None
@@ -340,22 +350,29 @@ def _load_own(cfg, split: str) -> Split:
 def load_full(cfg, split: str) -> Split:
     """A whole split of the config's data set under cfg.data.root (or at dataset.path: dataset=hf)."""
     if cfg.dataset.name == "hf":
-        return _load_own(cfg, split)
+        return load_own(cfg, split)
     if DATASETS[cfg.dataset.name].text:
         return _load_text(cfg, split)
     return load_split(cfg.dataset.name, cfg.data.root, split, cfg.data.download, cfg.data.cache_dir)
 
 
+def load_test(cfg) -> Split | None:
+    """The test split alone, with the config's seeded subset (data.on_nodes: the server has no
+    training data); None where there is none (dataset=hf without dataset.path)."""
+    if cfg.dataset.name == "hf" and not cfg.dataset.path:
+        return None
+    test = load_full(cfg, "test")
+    te = subset_indices(len(test.labels), cfg.data.test_samples, cfg.seed + 1)
+    return Split(test.inputs[te], test.labels[te]) if len(te) < len(test.labels) else test
+
+
 def load_train_test(cfg) -> tuple[Split, Split]:
     """The training and test splits a run uses, with the config's seeded subsets applied."""
-    train, test = load_full(cfg, "train"), load_full(cfg, "test")
+    train = load_full(cfg, "train")
     tr = subset_indices(len(train.labels), cfg.data.train_samples, cfg.seed)
-    te = subset_indices(len(test.labels), cfg.data.test_samples, cfg.seed + 1)
     if len(tr) < len(train.labels):
         train = Split(train.inputs[tr], train.labels[tr], None if train.groups is None else train.groups[tr])
-    if len(te) < len(test.labels):
-        test = Split(test.inputs[te], test.labels[te])
-    return train, test
+    return train, load_test(cfg)
 
 
 def to_tensors(split: Split, dataset: str | DatasetInfo,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fedlora.data import DATASETS, Split, dataset_info, load_full, load_train_test, to_tensors
+from fedlora.data import Split, dataset_info, load_full, load_own, load_test, load_train_test, to_tensors
 from fedlora.errors import DataError
 from fedlora.partition import partition_indices
 from fedlora.seeds import derive_seed
@@ -53,31 +53,41 @@ def client_tensors(cfg: DictConfig, partition_id: int) -> tuple[torch.Tensor, to
 def _local_tensors(key: str) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = OmegaConf.create(json.loads(key))
     name = cfg.dataset.name
-    if name == "hf":
-        raise DataError(f"local-data {cfg.data.root}: a node's own data is read in a built-in data set's layout; "
-                        "dataset=hf runs in simulation, or on nodes that share dataset.path")
+    where = cfg.dataset.path if name == "hf" else cfg.data.root
     try:
-        x, y = to_tensors(load_full(cfg, "train"), name)
+        if name == "hf":  # the run's column settings and classes, over the node's own file or folder
+            x, y = to_tensors(load_own(cfg, "train", role="node"), dataset_info(cfg))
+        else:
+            x, y = to_tensors(load_full(cfg, "train"), name)
     except DataError as e:
-        raise DataError(f"local-data {cfg.data.root}: {e}") from e
-    num_classes, want = DATASETS[name].num_classes, DATASETS[name].shape
+        raise DataError(f"local-data {where}: {e}") from e
+    num_classes, want = dataset_info(cfg).num_classes, dataset_info(cfg).shape
     if len(y) == 0 or int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise DataError(f"local-data {cfg.data.root}: {len(y)} examples, labels must be 0..{num_classes - 1}")
+        raise DataError(f"local-data {where}: {len(y)} examples, labels must be 0..{num_classes - 1}")
     if want is not None and tuple(x.shape[1:]) != tuple(want):
-        raise DataError(f"local-data {cfg.data.root}: inputs of shape {tuple(x.shape[1:])}, '{name}' has {tuple(want)}")
+        raise DataError(f"local-data {where}: inputs of shape {tuple(x.shape[1:])}, '{name}' has {tuple(want)}")
     return x, y
 
 
-def local_tensors(cfg: DictConfig, root: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A deployed node's own training data: the whole training split under `root` (a folder laid out
-    like a data root: Fashion-MNIST's IDX files, CIFAR's or SVHN's train.npz, AG News's dev.tsv), not a
-    partition of a shared one. Its labels and input shape are checked against the data set's."""
+def local_tensors(cfg: DictConfig, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deployed node's own training data, all of it (not a partition of a shared data set): the
+    training split of a folder laid out like a data root (Fashion-MNIST's IDX files, CIFAR's or SVHN's
+    train.npz, AG News's dev.tsv), or under dataset=hf a file or folder in any of its formats, read with
+    the run's columns and classes. Its labels and input shape are checked against the run's."""
     cfg = copy.deepcopy(cfg)
-    cfg.data.root, cfg.data.download = str(root), False
+    if cfg.dataset.name == "hf":
+        cfg.dataset.path = str(where)
+    else:
+        cfg.data.root, cfg.data.download = str(where), False
     return _local_tensors(_data_key(cfg))
 
 
-def test_tensors(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def test_tensors(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The server's test tensors: of the shared data set, or under data.on_nodes of its test split
+    alone (None when it has none)."""
+    if cfg.data.get("on_nodes"):
+        test = load_test(cfg)
+        return None if test is None else to_tensors(test, dataset_info(cfg))
     _, test, _ = federated_data(cfg)
     return to_tensors(test, dataset_info(cfg))
 

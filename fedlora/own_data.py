@@ -141,11 +141,7 @@ def _label_ids(train: list, test: list, train_feature, test_feature, path: str,
                             "dataset.test_split=validation, or none (a hold-out of the training split)")
     else:
         values = set(train) | set(test)
-        kinds = {type(v) for v in values}
-        if None in values or not (kinds <= {int} or kinds <= {str}):
-            shown = sorted({type(v).__name__ for v in values})
-            raise DataError(f"dataset.path={path}: the label column {column!r} holds {', '.join(shown)} values; "
-                            "labels must be integers or strings (each distinct value a class)")
+        _check_kinds(values, path, column)
         unseen = sorted(set(test) - set(train), key=str)
         if unseen:
             raise DataError(f"dataset.path={path}: the test split's label {unseen[0]!r} is in no training example, so "
@@ -159,6 +155,33 @@ def _label_ids(train: list, test: list, train_feature, test_feature, path: str,
         raise DataError(f"dataset.path={path}: the training labels ({column!r}) hold {len(set(y_train.tolist()))} "
                         "class; classification needs two or more")
     return y_train, y_test, names
+
+
+def _check_kinds(values: set, path: str, column: str) -> None:
+    kinds = {type(v) for v in values}
+    if None in values or not (kinds <= {int} or kinds <= {str}):
+        shown = sorted({type(v).__name__ for v in values})
+        raise DataError(f"dataset.path={path}: the label column {column!r} holds {', '.join(shown)} values; "
+                        "labels must be integers or strings (each distinct value a class)")
+
+
+def _named_ids(values: list, feature, names: tuple[str, ...], path: str, column: str, which: str) -> np.ndarray:
+    """Label ids of a split under the run's class names (dataset.labels, or those the server sends a
+    node with its own data): each value, or its ClassLabel name, as text, must be one of them."""
+    import datasets
+
+    if isinstance(feature, datasets.ClassLabel):
+        values = [feature.names[v] if 0 <= v < len(feature.names) else v for v in values]
+    else:
+        _check_kinds(set(values), path, column)
+    index = {n: i for i, n in enumerate(names)}
+    ids = [index.get(str(v)) for v in values]
+    bad = next((i for i, v in enumerate(ids) if v is None), None)
+    if bad is not None:
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise DataError(f"dataset.path={path}, split '{which}', row {bad}: label {values[bad]!r} is none of the run's "
+                        f"{len(names)} classes ({shown}); dataset.labels names them all, in order")
+    return np.asarray(ids, np.int64)
 
 
 def _holdout(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -285,6 +308,35 @@ def _read(key: str) -> OwnData:
             return [split[dcfg.image], split[dcfg.label]]
         return _texts(split, _text_columns(dcfg), path, which) + _columns(split, [dcfg.label], path, which)
 
+    role = spec.get("role", "run")
+    if role != "run":  # a node's own file, or the server's test split alone (data.on_nodes)
+        if dcfg.get("image"):
+            raise DataError(f"dataset.path={path}: images are read from dataset.path shared by the server and the "
+                            "nodes; a node's own local-data, and data.on_nodes, hold text or instructions")
+        which = dcfg.train_split if role == "node" else dcfg.test_split or dcfg.train_split
+        split = _split(ds, which, path)
+        cols = columns_of(split, which)
+        if not cols[0]:
+            raise DataError(f"dataset.path={path}: split '{which}' is empty")
+        if causal:
+            labels, names = np.zeros(len(cols[0]), np.int64), ("text",)
+        elif dcfg.get("labels") is not None:
+            names = tuple(str(n) for n in dcfg.labels)
+            labels = _named_ids(cols[-1], split.features[str(dcfg.label)], names, path, str(dcfg.label), which)
+        elif role == "test":  # the classes as the test split shows them
+            if len(set(cols[-1])) < 2:
+                raise DataError(f"dataset.path={path}: the server's test split '{which}' shows "
+                                f"{len(set(cols[-1]))} class: name the run's classes with dataset.labels=[...]")
+            labels, _, names = _label_ids(cols[-1], [], split.features[str(dcfg.label)], None, path, str(dcfg.label))
+        else:
+            raise DataError(f"dataset.path={path}: a node's own data needs the run's class names (dataset.labels), "
+                            "which the server sends")
+        texts = tuple(tuple(c) for c in (cols if causal else cols[:-1]))
+        empty = tuple(() for _ in texts)
+        source = _source(path, key)
+        if role == "node":
+            return OwnData(texts, labels, empty, labels[:0], names, source)
+        return OwnData(empty, labels[:0], texts, labels, names, source)
     train = _split(ds, dcfg.train_split, path)
     train_cols = columns_of(train, dcfg.train_split)
     by = spec.get("groups")
@@ -319,8 +371,13 @@ def _read(key: str) -> OwnData:
                        tuple(tuple(c) for c in test_cols), np.zeros(len(test_cols[0]), np.int64), ("text",),
                        _source(path, key), groups)
     label = str(dcfg.label)
-    y_train, y_test, names = _label_ids(train_cols[-1], test_cols[-1], train.features[label],
-                                        test.features[label], path, label)
+    if dcfg.get("labels") is not None:  # the run's classes, in their order
+        names = tuple(str(n) for n in dcfg.labels)
+        y_train = _named_ids(train_cols[-1], train.features[label], names, path, label, dcfg.train_split)
+        y_test = _named_ids(test_cols[-1], test.features[label], names, path, label, dcfg.test_split or "held-out")
+    else:
+        y_train, y_test, names = _label_ids(train_cols[-1], test_cols[-1], train.features[label],
+                                            test.features[label], path, label)
     if dcfg.get("image"):  # grey when every training image is, as the test images are then read
         grey = True
         for item in train_cols[0]:
@@ -350,10 +407,13 @@ def _source(path: str, key: str) -> str:
     return hashlib.sha256((source + key).encode()).hexdigest()[:20]
 
 
-def read_own(cfg) -> OwnData:
-    """The run's own data set, read once per process and config."""
+def read_own(cfg, role: str | None = None) -> OwnData:
+    """The run's own data set, read once per process and config: its training and test splits
+    (`run`); under data.on_nodes the server's test split alone (`test`: dataset.test_split, else all of
+    dataset.path); or a node's own local-data (`node`: all of it, to train on)."""
     from omegaconf import OmegaConf
 
-    by = cfg.partition.get("by") if cfg.partition.name == "natural" else None
-    return _read(json.dumps({"dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+    role = role or ("test" if cfg.data.get("on_nodes") else "run")
+    by = cfg.partition.get("by") if cfg.partition.name == "natural" and role == "run" else None
+    return _read(json.dumps({"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "role": role,
                              "task": cfg.model.get("task", "classification"), "groups": by}, sort_keys=True))

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from fedlora import dp
 from fedlora.data import check_dataset, dataset_info
 from fedlora.errors import DataError
-from fedlora.federated_data import federated_data
+from fedlora.federated_data import federated_data, test_tensors
 from fedlora.methods import make_method
 from fedlora.models import MODELS
 
@@ -27,4 +27,7 @@ def preflight(cfg: DictConfig) -> None:
     model = make_method(cfg).initial_model()
     if dp.client_side(cfg):
         dp.check_model(model)
-    federated_data(cfg)  # after the model: a text data set is tokenized with the model's tokenizer
+    if cfg.data.get("on_nodes"):  # the server's test split alone: the nodes bring their training data
+        test_tensors(cfg)
+    else:
+        federated_data(cfg)  # after the model: a text data set is tokenized with the model's tokenizer

@@ -8,6 +8,7 @@ or `config-name` and `overrides` (Hydra overrides as on fedlora-sim's command li
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import shlex
@@ -150,7 +151,7 @@ class GlobalEvaluation:
     def __init__(self, cfg: DictConfig, method: Method):
         self.method, self.cfg = method, cfg
         self.model = method.initial_model()
-        self.x, self.y = test_tensors(cfg)
+        self.test = test_tensors(cfg)  # None: the server has no test data (data.on_nodes, eval.clients)
         self.device = pick_device()
         if cfg.eval.get("generate"):  # the token that ends an answer
             from fedlora.causal import end_token
@@ -159,15 +160,30 @@ class GlobalEvaluation:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.method.load(self.model, arrays, server_round, required=self.method.global_keys(self.model))
-        acc, loss = evaluate(self.model, self.x, self.y, self.cfg.eval.batch_size, self.device)
+        if self.test is None:  # the clients' evaluation is the run's only one
+            return MetricRecord({"accuracy": math.nan, "loss": math.nan})
+        x, y = self.test
+        acc, loss = evaluate(self.model, x, y, self.cfg.eval.batch_size, self.device)
         scores = MetricRecord({"accuracy": acc, "loss": loss})
         if self.cfg.eval.get("generate"):  # a causal LM's answers, generated
             from fedlora.causal import exact_match
 
-            share, _ = exact_match(self.model, self.x, self.end, self.cfg.eval.max_new_tokens,
+            share, _ = exact_match(self.model, x, self.end, self.cfg.eval.max_new_tokens,
                                    self.cfg.eval.generate_examples)
             scores["exact_match"] = share
         return scores
+
+
+def with_class_names(cfg: DictConfig) -> DictConfig:
+    """The run's config with its class names in dataset.labels (dataset=hf classification), as the
+    server read them: a node with its own data maps its labels to the run's class ids by them."""
+    if cfg.dataset.name != "hf" or cfg.model.get("task") == "causal_lm" or cfg.dataset.get("labels") is not None:
+        return cfg
+    from fedlora.own_data import read_own
+
+    sent = copy.deepcopy(cfg)
+    sent.dataset.labels = list(read_own(cfg).label_names)
+    return sent
 
 
 def start_afresh(cfg: DictConfig, method: Method, model, strategy: MethodStrategy, grid: MeteredGrid,
@@ -199,22 +215,32 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
     checkpoint to `checkpointer` when there is one. A `resumed` run goes on after its checkpoint's round."""
     method = make_method(cfg)
     model = method.initial_model()  # the server's copy of the global model
-    train_split, _, parts = federated_data(cfg)
+    sent = with_class_names(cfg)  # the config the clients get: a node's own data is read with its classes
     # the nodes answer once they are up: under a short round_timeout too, give them time to start
-    node_of_partition, own_examples, node_ranks = discover_partitions(grid, cfg, max(cfg.simulation.round_timeout, 120))
-    recorder.write_partitions(class_histogram(train_split.labels, parts, dataset_info(cfg).num_classes),
-                              own_examples)
-    if cfg.dataset.name == "hf" and cfg.model.get("task") != "causal_lm":  # what each class id stands for
-        from fedlora.own_data import read_own
-
-        recorder.extra["labels"] = list(read_own(cfg).label_names)
+    node_of_partition, own_examples, node_ranks = discover_partitions(grid, sent, max(cfg.simulation.round_timeout, 120))
+    if cfg.data.on_nodes:  # no training data here: each node's own size, and no class counts
+        without = sorted(set(node_of_partition) - set(own_examples))
+        if without:
+            log.warning("data.on_nodes=true: the nodes of partitions %s have no local-data in their node config, and "
+                        "the server holds no training data to give them a share of: they take no part", without)
+            node_of_partition = {p: n for p, n in node_of_partition.items() if p in own_examples}
+        if len(node_of_partition) < cfg.clients_per_round:
+            raise FedloraError(f"data.on_nodes=true: {len(node_of_partition)} nodes have their own local-data; "
+                               f"clients_per_round is {cfg.clients_per_round}")
+        histogram, sizes = [[] for _ in range(cfg.num_clients)], own_examples
+    else:
+        train_split, _, parts = federated_data(cfg)
+        histogram = class_histogram(train_split.labels, parts, dataset_info(cfg).num_classes)
+        sizes = {i: train_count(cfg, i, len(p)) for i, p in enumerate(parts)} | own_examples
+    recorder.write_partitions(histogram, own_examples)
+    if sent.dataset.get("labels") is not None:  # what each class id stands for
+        recorder.extra["labels"] = list(sent.dataset.labels)
     facts = method.describe(model) if resumed is None else None  # a resumed run's summary has them
     if facts is not None:
         recorder.extra["compression"] = facts
         log_compression(facts)
     strategy = MethodStrategy(method, model, node_of_partition, cfg.clients_per_round, cfg.seed,
-                              examples_of_partition={i: train_count(cfg, i, len(p)) for i, p in enumerate(parts)}
-                              | own_examples, config_json=to_json(cfg), node_ranks=node_ranks,
+                              examples_of_partition=sizes, config_json=to_json(sent), node_ranks=node_ranks,
                               evaluate_clients=cfg.eval.clients, min_replies=cfg.min_replies,
                               faults=dict(cfg.simulation.faults))
     strategy.clients = {int(pid): counts for pid, counts in recorder.extra.get("client_replies", {}).items()}

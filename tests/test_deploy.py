@@ -283,6 +283,63 @@ def test_a_node_with_its_own_data_joins_then_drops_out(federation, tmp_path):
     assert "rejected the reply of client 2" in seen and "Node Unavailable" in seen, seen[-3000:]
 
 
+def test_nodes_with_their_own_files_and_a_server_without_training_data(federation, tmp_path):
+    """Two more devices train on their own text files (CSV and Parquet) under data.on_nodes=true: the
+    server reads a test file alone, or, with the clients evaluating, no file at all; it sends the
+    nodes the run's class names, and the nodes of the shared data set (partitions 0 and 1) take no
+    part. Placed after the tests that count the federation's nodes."""
+    import pandas as pd
+
+    from fedlora.text import AGNEWS_LABELS, read_agnews
+
+    procs, port = federation["procs"], federation["port"]
+    texts, labels = read_agnews(os.environ["FEDLORA_DATA"], "train")
+    frame = pd.DataFrame({"text": texts[:200], "label": [AGNEWS_LABELS[i] for i in labels[:200]]})
+    (tmp_path / "node-a").mkdir(), (tmp_path / "node-b").mkdir(), (tmp_path / "server").mkdir()
+    frame[:80].to_csv(tmp_path / "node-a" / "mine.csv", index=False)
+    frame[80:150].to_parquet(tmp_path / "node-b" / "mine.parquet")
+    frame[150:].to_json(tmp_path / "server" / "test.jsonl", orient="records", lines=True)
+    keys = make_node_keys(["own-a", "own-b"], tmp_path / "keys")
+    started, ids = [], set()
+    for pid, name, own in ((2, "own-a", "node-a/mine.csv"), (3, "own-b", "node-b/mine.parquet")):
+        out = procs.run("flwr", "supernode", "register", str(keys[name][1]), CONNECTION, "--format", "json",
+                        timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        ids.add(str(json.loads(out.stdout)["node-id"]))
+        started.append(procs.start(name, "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+                                   str(federation["tls"]["ca"]), "--auth-supernode-private-key", str(keys[name][0]),
+                                   "--node-config", f'partition-id={pid} num-threads=1 local-data="{tmp_path / own}"',
+                                   "--port", str(_free_port())))
+    try:
+        deadline = time.time() + 60
+        while not ids <= {n["node-id"] for n in online_nodes(procs)}:
+            assert time.time() < deadline, procs.log("own-a")[-2000:]
+            time.sleep(1)
+        base = ("dataset=hf data.on_nodes=true model.num_layers=1 model.max_length=32 adapter=lora method=fedit "
+                "num_clients=4 clients_per_round=2 num_rounds=2 local.batch_size=16")
+        runs = {"test-file": f"{base} dataset.path={tmp_path / 'server' / 'test.jsonl'}",
+                "no-file": f"{base} eval.clients=true dataset.labels=[{','.join(AGNEWS_LABELS)}]"}
+        for name, overrides in runs.items():
+            out = procs.run("flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config",
+                            f'overrides="{overrides}" run-dir="{tmp_path / name}"', timeout=400)
+            summary = json.loads((tmp_path / name / "summary.json").read_text())
+            assert summary["status"] == "completed", out.stdout[-3000:] + out.stderr[-3000:]
+            assert "partitions [0, 1] have no local-data" in out.stdout + out.stderr
+            parts = json.loads((tmp_path / name / "partitions.json").read_text())
+            assert parts["own_data"] == [2, 3]  # the clients evaluate on a fifth of their data, train on the rest
+            assert parts["sizes"][2:] == ([64, 56] if name == "no-file" else [80, 70])
+            assert all(r["num_clients"] == 2 for r in rows(tmp_path / name))
+        with_file = json.loads((tmp_path / "test-file" / "summary.json").read_text())
+        assert with_file["labels"] == sorted(set(frame["label"][150:])) and 0 <= with_file["final_accuracy"] <= 1
+        no_file = json.loads((tmp_path / "no-file" / "summary.json").read_text())
+        assert no_file["labels"] == list(AGNEWS_LABELS) and no_file["final_accuracy"] is None
+        assert all(r["test_accuracy"] is None and r["clients_evaluated"] == 2 for r in rows(tmp_path / "no-file"))
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_virtual_clients_spread_over_a_ray_cluster(tmp_path):
     """`ray start --head` offering no CPU, and a worker joining it with two: a run given the head's
     address can only place its virtual clients on the worker, as on a cluster of machines."""

@@ -279,3 +279,64 @@ def test_16_bit_and_palette_grey_images_are_read_as_grey_on_the_8_bit_scale():
     assert is_grey(deep) and _pixels(deep, grey=True).tolist() == [[0, 127], [255, 63]]
     palette = Image.fromarray(np.array([[0, 128], [255, 64]], np.uint8)).convert("P")
     assert is_grey(palette) and not is_grey(Image.new("RGB", (2, 2), (10, 200, 30)).convert("P"))
+
+
+def test_dataset_labels_fix_the_class_ids_and_name_a_label_outside_them(tmp_path):
+    rows = [{"text": t, "label": y} for t, y in agnews_rows(40)]
+    path = write(tmp_path / "news.csv", rows)
+    order = ["World", "Sports", "Business", "Sci/Tech"]  # AG News's order, not the sorted one
+    data = read(f"dataset.path={path}", f"dataset.labels=[{','.join(order)}]")
+    assert data.label_names == tuple(order)
+    by_text = {r["text"]: order.index(r["label"]) for r in rows}
+    assert [by_text[t] for t in data.train_texts[0]] == data.train_labels.tolist()
+    with pytest.raises(DataError, match=r"label '[A-Za-z/]+' is none of the run's 2 classes \(World, Sports\)"):
+        read(f"dataset.path={path}", "dataset.labels=[World,Sports]")
+    for bad in ("[World]", "[World,World]"):
+        with pytest.raises(ConfigError, match="two or more distinct names"):
+            config(f"dataset.path={path}", f"dataset.labels={bad}")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_nodes_own_file_is_all_training_data_under_the_runs_classes(tmp_path, suffix):
+    """local-data under dataset=hf: the node's whole file, read with the run's columns, its labels
+    mapped to the run's class ids by the names that the server sends (dataset.labels); a node may
+    hold a single class, but not one outside the run's."""
+    from fedlora.federated_data import local_tensors
+    from fedlora.text import AGNEWS_LABELS
+
+    rows = [{"text": t, "label": y} for t, y in agnews_rows(30)]
+    mine = write(tmp_path / f"mine{suffix}", rows)
+    cfg = config("dataset.path=/nowhere/the/servers.csv", f"dataset.labels=[{','.join(AGNEWS_LABELS)}]")
+    x, y = local_tensors(cfg, str(mine))
+    assert len(y) == 30 and y.tolist() == [AGNEWS_LABELS.index(r["label"]) for r in rows]
+    assert x.shape[0] == 30
+    one = write(tmp_path / f"one{suffix}", [r for r in rows if r["label"] == rows[0]["label"]])
+    assert set(local_tensors(cfg, str(one))[1].tolist()) == {AGNEWS_LABELS.index(rows[0]["label"])}
+    other = write(tmp_path / f"other{suffix}", [{"text": "a", "label": "Weather"}, {"text": "b", "label": "World"}])
+    with pytest.raises(DataError, match=f"local-data {other}: .*label 'Weather' is none of the run's 4 classes"):
+        local_tensors(cfg, str(other))
+
+
+def test_a_server_with_the_nodes_own_data_reads_its_test_file_alone(tmp_path):
+    """data.on_nodes=true: the server's dataset.path is a test file, all of it the test split, its
+    classes those it shows (or dataset.labels); without a file, the clients must evaluate."""
+    from fedlora.data import dataset_info
+    from fedlora.federated_data import test_tensors
+
+    rows = [{"text": t, "label": y} for t, y in agnews_rows(25)]
+    test = write(tmp_path / "test.jsonl", rows)
+    cfg = config(f"dataset.path={test}", "data.on_nodes=true")
+    x, y = test_tensors(cfg)
+    assert len(y) == 25 and dataset_info(cfg).num_classes == len({r["label"] for r in rows})
+    from strategies.server_app import with_class_names
+
+    assert with_class_names(cfg).dataset.labels == sorted({r["label"] for r in rows})
+    with pytest.raises(ConfigError, match="the clients must evaluate"):
+        config("data.on_nodes=true")
+    with pytest.raises(ConfigError, match="name the run's classes with dataset.labels"):
+        config("data.on_nodes=true", "eval.clients=true")
+    nothing = config("data.on_nodes=true", "eval.clients=true", "dataset.labels=[a,b,c]")
+    assert test_tensors(nothing) is None and dataset_info(nothing).num_classes == 3
+    single = write(tmp_path / "single.csv", [{"text": "x", "label": "a"}, {"text": "y", "label": "a"}])
+    with pytest.raises(DataError, match="shows 1 class: name the run's classes with dataset.labels"):
+        test_tensors(config(f"dataset.path={single}", "data.on_nodes=true"))
