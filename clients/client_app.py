@@ -229,6 +229,12 @@ def train(msg: Message, context: Context) -> Message:
     if "num-threads" in context.node_config:
         torch.set_num_threads(int(context.node_config["num-threads"]))
     x, y = _partition_data(run, context, pid)
+    examples = len(y)  # what the reply weighs by, packed or not
+    if run.cfg.model.get("packing"):  # a causal LM's examples, as many to a row as fit
+        from fedlora.causal import pack
+
+        x = pack(x)
+        y = y.new_zeros(len(x))
     method = run.method
     if method.broadcasts:
         model = _replica(run, context, server_round)
@@ -236,11 +242,11 @@ def train(msg: Message, context: Context) -> Message:
         model = _received(run, context, msg.content["arrays"], server_round)
     _with_personal(run, context, model)
     method.set_trainable(model, server_round)
-    spec = client_spec(run.cfg, len(y)) if dp_client_side(run.cfg) else None
+    spec = client_spec(run.cfg, examples) if dp_client_side(run.cfg) else None
     loss = train_local(model, x, y, run.cfg.local, seed=int(config[SEED]), dp=spec)
     if method.personal_keys(model):
         context.state[PERSONAL] = ArrayRecord(state_tensors(model, method.personal_keys(model)))
-    metrics = MetricRecord({"num-examples": len(y), "train_loss": loss})
+    metrics = MetricRecord({"num-examples": examples, "train_loss": loss})
     reply = ArrayRecord(state_tensors(model, method.up_keys(model, server_round)))
     return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
 

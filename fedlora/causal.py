@@ -98,6 +98,11 @@ class CausalLM(TextClassifier):
 
     chunk = 8
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 4:  # packed rows (`pack`): no attention mask, the position ids keep examples apart
+            return self.model(input_ids=x[:, 0], position_ids=x[:, 3], use_cache=False).logits
+        return self.model(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+
     def scores(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
         """(summed cross-entropy of the target tokens, how many of them the model predicts exactly,
         how many there are): position t's logits predict token t + 1. Computed `chunk` examples at a
@@ -112,6 +117,55 @@ class CausalLM(TextClassifier):
             correct += int((predicted.argmax(-1) == ids[targets]).sum())
             count += int(targets.sum())
         return loss, correct, count
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, L) examples packed in their order into (M, 4, L) rows of at most L tokens, each row as
+    many whole examples as fit: ids, attention, targets, and position ids that start again at 0 with
+    each example (and with the padding at a row's end). Given position ids and no attention mask,
+    Hugging Face's causal masks let a token see only its own example's earlier tokens (`check_packing`)."""
+    length = x.shape[2]
+    sizes = x[:, 1].sum(dim=1).tolist()
+    rows: list[list[int]] = [[]]
+    used = 0
+    for i, n in enumerate(sizes):
+        if used + n > length and rows[-1]:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    out = torch.zeros((len(rows), 4, length), dtype=x.dtype)
+    padded = (x[:, 1] == 0).nonzero()
+    if len(padded):  # the padding id of the examples
+        out[:, 0] = x[padded[0, 0], 0, padded[0, 1]]
+    steps = torch.arange(length, dtype=x.dtype)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            n = sizes[i]
+            out[r, :3, at:at + n] = x[i, :, :n]
+            out[r, 3, at:at + n] = steps[:n]
+            at += n
+        out[r, 3, at:] = steps[:length - at]
+    return out
+
+
+@torch.no_grad()
+def check_packing(model: CausalLM, name: str) -> None:
+    """Refuse model.packing for a model whose attention does not keep packed examples apart: two
+    seeded sequences packed in one row must give the logits that each gives alone."""
+    vocab = int(model.model.config.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.randint(0, vocab, (5,), generator=g), torch.randint(0, vocab, (7,), generator=g)
+    model.eval()
+    device = next(model.parameters()).device
+    alone = [model.model(input_ids=s[None].to(device)).logits[0] for s in (first, second)]
+    row = torch.cat([first, second])[None].to(device)
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None].to(device)
+    packed = model.model(input_ids=row, position_ids=positions, use_cache=False).logits[0]
+    if not torch.allclose(packed, torch.cat(alone), atol=1e-4, rtol=1e-4):
+        raise ConfigError(f"model.packing=true: model '{name}' lets a packed example see the one before it (its "
+                          "attention does not take examples apart by their position ids): leave model.packing=false")
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ def _main(cfg: DictConfig) -> None:
             cfg, _ = resumed_config(cfg.resume, list(hydra_cfg.overrides.task))
             run_dir = cfg.resume
         setup_logging(cfg.verbose)
-        if cfg.data.on_nodes:
+        if cfg.data.get("on_nodes"):
             from fedlora.errors import ConfigError
 
             raise ConfigError("data.on_nodes=true is for deployments whose nodes bring their own local-data "

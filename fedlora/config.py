@@ -60,6 +60,13 @@ class ModelConfig:
     # classification (a new head over a pretrained encoder), or causal_lm: instruction tuning of a
     # causal language model (fedlora/causal.py), with dataset=hf
     task: str = "classification"
+    # pretrained models on GPUs (fedlora/precision.py): the forward pass in bf16 or fp16 autocast, the
+    # weights float32; activation checkpointing (recompute in the backward pass, for memory)
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    # model.task=causal_lm: a client's training examples packed into rows of max_length tokens (each
+    # example still attending to itself only), instead of one example a row padded per batch
+    packing: bool = False
 
 
 @dataclass
@@ -246,7 +253,7 @@ def _validate_dataset(cfg: DictConfig) -> None:
         if causal or len(names) < 2 or len(set(names)) < len(names) or not all(names):
             raise ConfigError("dataset.labels names a classifier's classes: two or more distinct names, in id order "
                               f"(got {d.labels}{', and model.task=causal_lm has none' if causal else ''})")
-    if cfg.data.on_nodes:
+    if cfg.data.get("on_nodes"):
         if d.get("image"):
             raise ConfigError("data.on_nodes=true: a node's own local-data holds text or instructions; images are "
                               "read from a dataset.path that the server and the nodes share")
@@ -292,6 +299,8 @@ def _validate_task(cfg: DictConfig) -> None:
     if task != "causal_lm":
         if cfg.eval.get("generate"):
             raise ConfigError("eval.generate=true generates answers: it is for model.task=causal_lm")
+        if cfg.model.get("packing"):
+            raise ConfigError("model.packing=true packs instructions into rows: it is for model.task=causal_lm")
         return
     if cfg.dataset.name != "hf":
         raise ConfigError(f"model.task=causal_lm tunes on instructions: use dataset=hf with dataset.path= a file or "
@@ -305,6 +314,10 @@ def _validate_task(cfg: DictConfig) -> None:
     if cfg.model.name in ("minilm", "vit"):
         raise ConfigError(f"model={cfg.model.name} is a classifier's encoder; model.task=causal_lm needs a causal LM: "
                           "model.hf=ID_OR_PATH (GPT-2, Llama, Qwen, SmolLM, ...)")
+    if cfg.model.get("packing") and cfg.dp.where == "client" and (cfg.dp.noise_multiplier is not None
+                                                         or cfg.dp.epsilon is not None):
+        raise ConfigError("model.packing=true puts several examples in a row, and DP-SGD clips per row: the "
+                          "privacy unit would no longer be an example; leave model.packing=false under DP-SGD")
     if cfg.eval.get("generate"):
         _at_least(cfg, "eval.generate_examples", 1)
         _at_least(cfg, "eval.max_new_tokens", 1)
@@ -348,6 +361,16 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"adapter={cfg.adapter.name} fine-tunes a pretrained model; model "
                               f"'{cfg.model.name}' trains from scratch (use method=fedmud... for low-rank updates)")
     _validate_method(cfg, pretrained)
+    m, precision = cfg.model, cfg.model.get("precision", "fp32")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"model.precision must be fp32, bf16 or fp16 (got {precision})")
+    if (precision != "fp32" or m.get("gradient_checkpointing")) and cfg.adapter is None:
+        raise ConfigError("model.precision and model.gradient_checkpointing are for pretrained models with an adapter; "
+                          f"model={m.name} trains in float32")
+    if precision == "fp16" and cfg.dp.where == "client" and (cfg.dp.noise_multiplier is not None
+                                                               or cfg.dp.epsilon is not None):
+        raise ConfigError("model.precision=fp16 scales the loss, which DP-SGD's per-example clipping cannot see: use "
+                          "model.precision=bf16 with dp.where=client")
     if cfg.local.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"local.optimizer must be sgd or adamw (got {cfg.local.optimizer})")
     p = cfg.partition

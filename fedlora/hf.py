@@ -114,13 +114,19 @@ class ImageClassifier(nn.Module):
         self.register_buffer("scale", (std_t / ms).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", ((mean_t - mm) / ms).view(1, -1, 1, 1), persistent=False)
 
+    precision = "fp32"  # model.precision (fedlora.precision)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from fedlora.precision import autocast
+
         if x.shape[1] == 1 and self.channels == 3:
             x = x.expand(-1, 3, -1, -1)
         x = x * self.scale + self.shift
         if x.shape[-2:] != (self.size, self.size):
             x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return self.model(pixel_values=x).logits
+        with autocast(x.device, self.precision):
+            logits = self.model(pixel_values=x).logits
+        return logits.float()  # the loss in float32
 
 
 @lru_cache(maxsize=4)

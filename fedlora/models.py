@@ -140,12 +140,14 @@ def dense_model(cfg) -> nn.Module:
     info, seed = dataset_info(cfg), derive_seed(cfg.seed, "model-init")
     if cfg.adapter is None:
         return build_model(cfg.model.name, info.num_classes, seed)
+    from fedlora.precision import prepare
+
     if cfg.model.get("task") == "causal_lm":
         from fedlora.causal import CausalLM
 
-        return CausalLM(copy.deepcopy(_causal_lm(cfg.model.hf, seed, cfg.model.num_layers)))
+        return prepare(CausalLM(copy.deepcopy(_causal_lm(cfg.model.hf, seed, cfg.model.num_layers))), cfg)
     from fedlora.hf import image_classifier
     from fedlora.text import TextClassifier
 
     hf = copy.deepcopy(_pretrained(cfg.model.hf, info.num_classes, seed, cfg.model.num_layers, not info.text))
-    return TextClassifier(hf) if info.text else image_classifier(hf, cfg.model.hf, info.mean, info.std)
+    return prepare(TextClassifier(hf) if info.text else image_classifier(hf, cfg.model.hf, info.mean, info.std), cfg)

@@ -27,6 +27,10 @@ def preflight(cfg: DictConfig) -> None:
     model = make_method(cfg).initial_model()
     if dp.client_side(cfg):
         dp.check_model(model)
+    if cfg.model.get("packing"):
+        from fedlora.causal import check_packing
+
+        check_packing(model, cfg.model.hf)
     if cfg.data.get("on_nodes"):  # the server's test split alone: the nodes bring their training data
         test_tensors(cfg)
     else:

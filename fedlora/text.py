@@ -92,13 +92,22 @@ class TextClassifier(nn.Module):
     """A Hugging Face sequence classifier that takes (B, 2, L) batches of ids and masks (and further
     rows after them: `fedlora.causal.CausalLM`'s target masks)."""
 
+    precision = "fp32"  # model.precision (fedlora.precision)
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from fedlora.precision import autocast
+
         # padding is on the right and masked: columns past the batch's longest text change nothing
         # but the time taken
         longest = int(x[:, 1].sum(dim=1).max())
         x = x[:, :, :max(longest, 1)]
+        with autocast(x.device, self.precision):
+            logits = self.logits(x)
+        return logits.float()  # the loss in float32
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=x[:, 0], attention_mask=x[:, 1]).logits

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedlora.precision import grad_scaler
+
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,12 +68,14 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, local, seed:
                 loss_sum, n = dp_step(model, x[idx].to(device), y[idx].to(device), dp, g, mean_loss)
                 total, count = total + loss_sum, count + n
                 opt.step()
+        scaler = grad_scaler(model, device)  # fp16 on a GPU; else it passes the loss and the step through
         for idx in batch_order(len(y), local.batch_size, local.epochs, seed, local.get("steps")) if dp is None else ():
             xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             loss, n = mean_loss(model, xb, yb)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             total += loss.item() * n
             count += n
     # A diverged run returns a non-finite loss and weights; the server's reply validation rejects them.

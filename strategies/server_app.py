@@ -218,7 +218,7 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
     sent = with_class_names(cfg)  # the config the clients get: a node's own data is read with its classes
     # the nodes answer once they are up: under a short round_timeout too, give them time to start
     node_of_partition, own_examples, node_ranks = discover_partitions(grid, sent, max(cfg.simulation.round_timeout, 120))
-    if cfg.data.on_nodes:  # no training data here: each node's own size, and no class counts
+    if cfg.data.get("on_nodes"):  # no training data here: each node's own size, and no class counts
         without = sorted(set(node_of_partition) - set(own_examples))
         if without:
             log.warning("data.on_nodes=true: the nodes of partitions %s have no local-data in their node config, and "

@@ -202,3 +202,139 @@ def test_exact_match_counts_the_answers_that_greedy_generation_gives_whole(tiny_
     lengths = x[:, 1].sum(dim=1)
     cut = torch.from_numpy(tokenize_instructions(prompts, answers, str(tiny_llama), int(lengths.min()) - 1))
     assert exact_match(model, cut, end, 8)[1] == 0  # no end token fits: nothing to count
+
+
+def _model_and_batch(tiny_llama, instructions, *extra):
+    from fedlora.federated_data import client_tensors
+    from fedlora.methods import make_method
+
+    cfg = resolve(compose(overrides(tiny_llama, instructions, *extra)))
+    x, y = client_tensors(cfg, 0)
+    model = make_method(cfg).initial_model()
+    for name, p in model.named_parameters():  # B away from zero: A's gradient is not zero either
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(p, std=0.1)
+    return model, x[:8], y[:8]
+
+
+def _loss_and_grads(model, x, y):
+    from fedlora.training import mean_loss
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        loss, _ = mean_loss(model, x, y)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_recomputes_the_same_loss_and_gradients(tiny_llama, instructions):
+    plain, x, y = _model_and_batch(tiny_llama, instructions)
+    ckpt, _, _ = _model_and_batch(tiny_llama, instructions, "model.gradient_checkpointing=true")
+    assert ckpt.model.is_activation_checkpointing and not plain.model.is_activation_checkpointing
+    assert ckpt.model.config.use_cache is False
+    ckpt.load_state_dict(plain.state_dict())
+    loss_a, grads_a = _loss_and_grads(plain, x, y)
+    loss_b, grads_b = _loss_and_grads(ckpt, x, y)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    assert all(g.abs().sum() > 0 for n, g in grads_a.items() if n.endswith(("lora_A", "lora_B")))
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_runs_as_is_on_a_cpu_and_in_autocast_where_it_applies(tiny_llama, instructions):
+    """model.precision=bf16: on this CPU the model runs in float32 (the same logits); where autocast
+    applies (a GPU; here the CPU, asked for), the projections compute in bf16, the weights stay float32
+    and the loss is close to float32's."""
+    from fedlora import precision
+
+    plain, x, y = _model_and_batch(tiny_llama, instructions)
+    half, _, _ = _model_and_batch(tiny_llama, instructions, "model.precision=bf16")
+    half.load_state_dict(plain.state_dict())
+    assert half.precision == "bf16"
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), half.eval()(x), rtol=0, atol=0)
+    seen = []
+    hook = half.model.lm_head.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    with torch.no_grad(), precision.autocast(torch.device("cpu"), "bf16", devices=("cpu",)):
+        loss_half = half.scores(x, y)[0].item()
+    hook.remove()
+    loss_full = plain.scores(x, y)[0].item()
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    assert loss_half == pytest.approx(loss_full, rel=0.02) and loss_half != loss_full
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.precision=fp8"], "model.precision must be fp32, bf16 or fp16"),
+    (["model.precision=fp16", "dp.noise_multiplier=1.0"], "use model.precision=bf16 with dp.where=client"),
+])
+def test_precision_mistakes_are_named(tiny_llama, instructions, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(compose(overrides(tiny_llama, instructions, *extra)))
+    with pytest.raises(ConfigError, match="are for pretrained models with an adapter"):
+        resolve(compose(["model.gradient_checkpointing=true"]))
+
+
+def test_packing_keeps_every_example_whole_and_its_loss_that_of_the_unpacked_batch(tiny_llama, instructions):
+    """model.packing: whole examples, in order, as many to a row as fit, positions starting again at
+    each; the tiny Llama keeps them apart (check_packing), so a packed batch's summed loss, correct
+    predictions and target count are the unpacked batch's."""
+    from fedlora.causal import check_packing, pack
+
+    model, x, y = _model_and_batch(tiny_llama, instructions, "model.max_length=160")  # ~45 tokens an example
+    packed = pack(x)
+    sizes = x[:, 1].sum(dim=1).tolist()
+    assert packed.shape[1:] == (4, x.shape[2]) and len(packed) < len(x)
+    assert packed[:, 1].sum().item() == sum(sizes) and packed[:, 2].sum().item() == x[:, 2].sum().item()
+    tokens = [t for row in packed for t in row[0][row[1].bool()].tolist()]
+    assert tokens == [t for row in x for t in row[0][row[1].bool()].tolist()]  # every token, in order
+    starts = [(row[3] == 0).nonzero().flatten().tolist() for row in packed]
+    assert sum(len([s for s in st if s < int(row[1].sum())]) for st, row in zip(starts, packed)) == len(x)
+    check_packing(model, str(tiny_llama))
+    model.eval()
+    with torch.no_grad():
+        loss_a, correct_a, n_a = model.scores(x, y)
+        loss_b, correct_b, n_b = model.scores(packed, y[:len(packed)])
+    assert (correct_a, n_a) == (correct_b, n_b) and n_a > 0
+    assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-5)
+    # a tiny OPT does not keep packed examples apart by their position ids: refused
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from fedlora.causal import CausalLM
+
+    opt = OPTForCausalLM(OPTConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, ffn_dim=64,
+                                   vocab_size=50, word_embed_proj_dim=32))
+    with pytest.raises(ConfigError, match="lets a packed example see the one before it"):
+        check_packing(CausalLM(opt), "tiny-opt")
+
+
+def test_a_packed_run_with_gradient_checkpointing_lowers_the_held_out_loss(tiny_llama, instructions, ray_address,
+                                                                           tmp_path):
+    from fedlora.simulation import run_simulation
+
+    cfg = resolve(compose(overrides(tiny_llama, instructions, "model.packing=true", "model.gradient_checkpointing=true",
+                                    "model.max_length=128", f"simulation.ray_address={ray_address}")))
+    run_simulation(cfg, tmp_path)
+    rows = metrics_rows(tmp_path)
+    initial = json.loads((tmp_path / "checkpoint" / "checkpoint.json").read_text())["initial"]["test_loss"]
+    assert [r["round"] for r in rows] == [1, 2] and rows[-1]["test_loss"] < rows[0]["test_loss"] < initial
+    with pytest.raises(ConfigError, match="it is for model.task=causal_lm"):
+        resolve(compose(["model=minilm", "dataset=agnews", "adapter=lora", "method=fedit", "model.packing=true"]))
+
+
+def test_the_alpaca_preset_passes_its_checks_with_a_local_model_and_file(tiny_llama, tmp_path):
+    """experiment=alpaca_smollm2 names Hub ids (it needs internet); with a local model and an
+    Alpaca-style file (its `output` column) in their place it passes the checks before Ray, packing's
+    among them."""
+    from fedlora.preflight import preflight
+
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps({"instruction": e["instruction"], "input": e["input"], "output": e["response"]})
+                            + "\n" for e in examples(120, seed=2)))
+    cfg = resolve(compose(["experiment=alpaca_smollm2", "method=fedit", f"model.hf={tiny_llama}",
+                           f"dataset.path={path}", "model.max_length=128"]))
+    assert cfg.model.packing and cfg.dataset.response == "output" and cfg.eval.generate
+    preflight(cfg)
