@@ -79,6 +79,10 @@ def _client_run(config_json: str, rank: int | None = None) -> ClientRun:
     cfg = from_json(config_json)
     method = make_method(cfg)
     model = method.initial_model(rank)
+    if cfg.model.get("packing"):  # this node's transformers must keep packed examples apart too
+        from fedlora.causal import check_packing
+
+        check_packing(model, cfg.model.hf)
     return ClientRun(cfg, method, model, state_tensors(model, method.global_keys(model) + method.personal_keys(model)))
 
 

@@ -144,6 +144,7 @@ def pack(x: torch.Tensor) -> torch.Tensor:
         for i in members:
             n = sizes[i]
             out[r, :3, at:at + n] = x[i, :, :n]
+            out[r, 2, at] = 0  # as unpacked: no logits before an example's first token predict it
             out[r, 3, at:at + n] = steps[:n]
             at += n
         out[r, 3, at:] = steps[:length - at]

@@ -98,7 +98,8 @@ class DataConfig:
     train_samples: Optional[int] = None  # a seeded random subset of the training split; null: all
     test_samples: Optional[int] = None  # likewise for the test split
     # a deployment whose every node trains on its own local-data: the server reads no training data,
-    # only the test split (dataset=hf: dataset.test_split, else all of dataset.path), or none at all
+    # only the test split (dataset=hf: dataset.test_split, else dataset.train_split: all of a single
+    # file; for a built-in data set its test files), or none at all
     # (dataset=hf without dataset.path, the clients evaluating under eval.clients=true)
     on_nodes: bool = False
 

@@ -131,8 +131,8 @@ def _read_maybe_gz(path: Path) -> bytes:
 
 
 def _idx_dir(root: Path) -> Optional[Path]:
-    for d in (root / "fashion-mnist", root / "FashionMNIST" / "raw", root):
-        if _existing(d / _FMNIST_FILES["train"][0]) is not None:
+    for d in (root / "fashion-mnist", root / "FashionMNIST" / "raw", root):  # the test files alone will do:
+        if any(_existing(d / _FMNIST_FILES[s][0]) is not None for s in _FMNIST_FILES):  # a server, data.on_nodes
             return d
     return None
 
@@ -154,9 +154,10 @@ def _load_idx(d: Path, split: str) -> Split:
 
 
 def _jpeg_npz_dir(root: Path, name: str) -> Optional[Path]:
-    # train.npz alone will do: a deployed node's own data (`local-data`) has no test split
+    # one split will do: a deployed node's own data (`local-data`) has no test split, a server under
+    # data.on_nodes no training split
     d = root / name
-    return d if (d / "train.npz").exists() else None
+    return d if (d / "train.npz").exists() or (d / "test.npz").exists() else None
 
 
 def _load_jpeg_npz(d: Path, split: str) -> Split:
@@ -236,8 +237,8 @@ def check_available(name: str, root: Optional[str], download: bool) -> None:
             raise DataError("data.download=true needs a data.root to download into. " + how)
         raise DataError(f"no data root is set for dataset '{name}'. " + how)
     path = Path(root)
-    if DATASETS[name].text:
-        if not ((path / "agnews" / "dev.tsv").is_file() and (path / "agnews" / "test.tsv").is_file()):
+    if DATASETS[name].text:  # test.tsv alone will do for a server under data.on_nodes (dev.tsv: a node's)
+        if not ((path / "agnews" / "dev.tsv").is_file() or (path / "agnews" / "test.tsv").is_file()):
             raise DataError(f"dataset '{name}' not found under {path}. " + how)
         return
     if download:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -117,23 +115,10 @@ def build_model(name: str, num_classes: int, seed: int) -> nn.Module:
         return MODELS[name].builder(num_classes)
 
 
-@lru_cache(maxsize=2)
-def _pretrained(hf: str, num_labels: int, seed: int, num_layers: int | None, image: bool) -> nn.Module:
-    from fedlora.hf import load_classifier
-
-    return load_classifier(hf, num_labels, seed, num_layers, image)
-
-
-@lru_cache(maxsize=2)
-def _causal_lm(hf: str, seed: int, num_layers: int | None) -> nn.Module:
-    from fedlora.hf import load_causal_lm
-
-    return load_causal_lm(hf, seed, num_layers)
-
-
 def dense_model(cfg) -> nn.Module:
     """The model a run starts from, before any factorization or adapter: drawn from the seed, or a
-    pretrained one (read once per process, copied for each model built from it) with a seeded head."""
+    pretrained one with a seeded head, read from its files for each model built (faster than a copy
+    of one kept in memory, which would also hold the weights twice: 5 GB more for a 1B model)."""
     from fedlora.data import dataset_info
     from fedlora.seeds import derive_seed
 
@@ -145,9 +130,11 @@ def dense_model(cfg) -> nn.Module:
     if cfg.model.get("task") == "causal_lm":
         from fedlora.causal import CausalLM
 
-        return prepare(CausalLM(copy.deepcopy(_causal_lm(cfg.model.hf, seed, cfg.model.num_layers))), cfg)
-    from fedlora.hf import image_classifier
+        from fedlora.hf import load_causal_lm
+
+        return prepare(CausalLM(load_causal_lm(cfg.model.hf, seed, cfg.model.num_layers)), cfg)
+    from fedlora.hf import image_classifier, load_classifier
     from fedlora.text import TextClassifier
 
-    hf = copy.deepcopy(_pretrained(cfg.model.hf, info.num_classes, seed, cfg.model.num_layers, not info.text))
+    hf = load_classifier(cfg.model.hf, info.num_classes, seed, cfg.model.num_layers, not info.text)
     return prepare(TextClassifier(hf) if info.text else image_classifier(hf, cfg.model.hf, info.mean, info.std), cfg)

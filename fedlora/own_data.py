@@ -290,6 +290,8 @@ def _read(key: str) -> OwnData:
 
     spec = json.loads(key)
     dcfg = OmegaConf.create(spec["dataset"])
+    # what names the texts read (and their tokens' cache): the class names change the ids, not the texts
+    texts_key = json.dumps(spec | {"dataset": spec["dataset"] | {"labels": None}}, sort_keys=True)
     path, causal = str(dcfg.path), spec["task"] == "causal_lm"
     ds = _load(dcfg)
 
@@ -333,7 +335,7 @@ def _read(key: str) -> OwnData:
                             "which the server sends")
         texts = tuple(tuple(c) for c in (cols if causal else cols[:-1]))
         empty = tuple(() for _ in texts)
-        source = _source(path, key)
+        source = _source(path, texts_key)
         if role == "node":
             return OwnData(texts, labels, empty, labels[:0], names, source)
         return OwnData(empty, labels[:0], texts, labels, names, source)
@@ -369,12 +371,15 @@ def _read(key: str) -> OwnData:
     if causal:  # one class: partitions and histograms see every example alike
         return OwnData(tuple(tuple(c) for c in train_cols), np.zeros(len(train_cols[0]), np.int64),
                        tuple(tuple(c) for c in test_cols), np.zeros(len(test_cols[0]), np.int64), ("text",),
-                       _source(path, key), groups)
+                       _source(path, texts_key), groups)
     label = str(dcfg.label)
     if dcfg.get("labels") is not None:  # the run's classes, in their order
         names = tuple(str(n) for n in dcfg.labels)
         y_train = _named_ids(train_cols[-1], train.features[label], names, path, label, dcfg.train_split)
         y_test = _named_ids(test_cols[-1], test.features[label], names, path, label, dcfg.test_split or "held-out")
+        if len(set(y_train.tolist())) < 2:
+            raise DataError(f"dataset.path={path}: the training labels ({label!r}) hold 1 class; classification "
+                            "needs two or more")
     else:
         y_train, y_test, names = _label_ids(train_cols[-1], test_cols[-1], train.features[label],
                                             test.features[label], path, label)
@@ -389,11 +394,11 @@ def _read(key: str) -> OwnData:
                 break
         size = dcfg.get("image_size")
         train_images = _images(train_cols[0], path, dcfg.train_split, grey, size)
-        return OwnData((), y_train, (), y_test, names, _source(path, key), groups, train_images,
+        return OwnData((), y_train, (), y_test, names, _source(path, texts_key), groups, train_images,
                        _images(test_cols[0], path, dcfg.test_split or "held-out", grey, size),
                        channel_stats(train_images))
     return OwnData(tuple(tuple(c) for c in train_cols[:-1]), y_train, tuple(tuple(c) for c in test_cols[:-1]),
-                   y_test, names, _source(path, key), groups)
+                   y_test, names, _source(path, texts_key), groups)
 
 
 def _source(path: str, key: str) -> str:
@@ -409,8 +414,9 @@ def _source(path: str, key: str) -> str:
 
 def read_own(cfg, role: str | None = None) -> OwnData:
     """The run's own data set, read once per process and config: its training and test splits
-    (`run`); under data.on_nodes the server's test split alone (`test`: dataset.test_split, else all of
-    dataset.path); or a node's own local-data (`node`: all of it, to train on)."""
+    (`run`); under data.on_nodes the server's test split alone (`test`: dataset.test_split, else
+    dataset.train_split: all of a single file); or a node's own local-data (`node`: its train_split, all
+    of a single file, to train on)."""
     from omegaconf import OmegaConf
 
     role = role or ("test" if cfg.data.get("on_nodes") else "run")

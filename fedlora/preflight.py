@@ -16,7 +16,7 @@ from fedlora.models import MODELS
 
 def preflight(cfg: DictConfig) -> None:
     """Raise a FedloraError (ConfigError or DataError) that says what is wrong; the work done here
-    (decoded data, partitions, the pretrained model read) is kept for the run in this process."""
+    (decoded data, partitions) is kept for the run in this process."""
     check_dataset(cfg)
     if cfg.dataset.name == "hf" and cfg.dataset.get("image") and cfg.adapter is None:  # a paper CNN: of their shape
         shape, wants = dataset_info(cfg).shape, MODELS[cfg.model.name].input_shape

@@ -382,5 +382,8 @@ def _main(grid: Grid, context: Context) -> None:
             log.info("resumable: fedlora-sim resume=%s (after round %d)", run_dir, checkpointer.written)
         raise
     summary = recorder.close("completed")
-    log.info("done: final accuracy %.4f, best %.4f; records in %s", summary["final_accuracy"],
-             summary["best_accuracy"], run_dir)
+    if summary["best_accuracy"] is None:  # no server-side evaluation (data.on_nodes without test data)
+        log.info("done; the clients evaluated; records in %s", run_dir)
+    else:
+        log.info("done: final accuracy %.4f, best %.4f; records in %s", summary["final_accuracy"],
+                 summary["best_accuracy"], run_dir)

@@ -340,3 +340,22 @@ def test_a_server_with_the_nodes_own_data_reads_its_test_file_alone(tmp_path):
     single = write(tmp_path / "single.csv", [{"text": "x", "label": "a"}, {"text": "y", "label": "a"}])
     with pytest.raises(DataError, match="shows 1 class: name the run's classes with dataset.labels"):
         test_tensors(config(f"dataset.path={single}", "data.on_nodes=true"))
+
+
+def test_a_server_under_data_on_nodes_needs_only_a_built_in_data_sets_test_files(tmp_path):
+    """Fashion-MNIST's t10k files alone: the server's test split under data.on_nodes; a run that
+    needs the training split says which split it could not read."""
+    import os
+    import shutil
+
+    from fedlora.federated_data import federated_data, test_tensors
+
+    src = Path(os.environ["FEDLORA_DATA"]) / "fashion-mnist"
+    (tmp_path / "fashion-mnist").mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(src / name, tmp_path / "fashion-mnist" / name)
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    x, y = test_tensors(resolve(compose([f"data.root={tmp_path}", "data.on_nodes=true", "data.test_samples=300", cache])))
+    assert tuple(x.shape) == (300, 1, 28, 28) and len(y) == 300
+    with pytest.raises(DataError, match="could not read the train split"):
+        federated_data(resolve(compose([f"data.root={tmp_path}", cache, "num_clients=4", "clients_per_round=2"])))
