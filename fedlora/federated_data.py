@@ -55,13 +55,14 @@ def _local_tensors(key: str) -> tuple[torch.Tensor, torch.Tensor]:
     name = cfg.dataset.name
     where = cfg.dataset.path if name == "hf" else cfg.data.root
     try:
+        info = dataset_info(cfg)  # under dataset=hf the run's classes, which the server sent: nothing is read
         if name == "hf":  # the run's column settings and classes, over the node's own file or folder
-            x, y = to_tensors(load_own(cfg, "train", role="node"), dataset_info(cfg))
+            x, y = to_tensors(load_own(cfg, "train", role="node"), info)
         else:
             x, y = to_tensors(load_full(cfg, "train"), name)
     except DataError as e:
         raise DataError(f"local-data {where}: {e}") from e
-    num_classes, want = dataset_info(cfg).num_classes, dataset_info(cfg).shape
+    num_classes, want = info.num_classes, info.shape
     if len(y) == 0 or int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise DataError(f"local-data {where}: {len(y)} examples, labels must be 0..{num_classes - 1}")
     if want is not None and tuple(x.shape[1:]) != tuple(want):

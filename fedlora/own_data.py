@@ -151,10 +151,14 @@ def _label_ids(train: list, test: list, train_feature, test_feature, path: str,
         names = tuple(str(v) for v in order)
         y_train = np.array([index[v] for v in train], np.int64)
         y_test = np.array([index[v] for v in test], np.int64)
+    _two_classes(y_train, path, column)
+    return y_train, y_test, names
+
+
+def _two_classes(y_train: np.ndarray, path: str, column: str) -> None:
     if len(set(y_train.tolist())) < 2:
         raise DataError(f"dataset.path={path}: the training labels ({column!r}) hold {len(set(y_train.tolist()))} "
                         "class; classification needs two or more")
-    return y_train, y_test, names
 
 
 def _check_kinds(values: set, path: str, column: str) -> None:
@@ -294,6 +298,7 @@ def _read(key: str) -> OwnData:
     texts_key = json.dumps(spec | {"dataset": spec["dataset"] | {"labels": None}}, sort_keys=True)
     path, causal = str(dcfg.path), spec["task"] == "causal_lm"
     ds = _load(dcfg)
+    source = _source(path, texts_key)
 
     def columns_of(split, which: str) -> list[list]:
         """causal_lm: [prompts, responses]; else the text column(s) and the labels."""
@@ -335,7 +340,6 @@ def _read(key: str) -> OwnData:
                             "which the server sends")
         texts = tuple(tuple(c) for c in (cols if causal else cols[:-1]))
         empty = tuple(() for _ in texts)
-        source = _source(path, texts_key)
         if role == "node":
             return OwnData(texts, labels, empty, labels[:0], names, source)
         return OwnData(empty, labels[:0], texts, labels, names, source)
@@ -371,15 +375,13 @@ def _read(key: str) -> OwnData:
     if causal:  # one class: partitions and histograms see every example alike
         return OwnData(tuple(tuple(c) for c in train_cols), np.zeros(len(train_cols[0]), np.int64),
                        tuple(tuple(c) for c in test_cols), np.zeros(len(test_cols[0]), np.int64), ("text",),
-                       _source(path, texts_key), groups)
+                       source, groups)
     label = str(dcfg.label)
     if dcfg.get("labels") is not None:  # the run's classes, in their order
         names = tuple(str(n) for n in dcfg.labels)
         y_train = _named_ids(train_cols[-1], train.features[label], names, path, label, dcfg.train_split)
         y_test = _named_ids(test_cols[-1], test.features[label], names, path, label, dcfg.test_split or "held-out")
-        if len(set(y_train.tolist())) < 2:
-            raise DataError(f"dataset.path={path}: the training labels ({label!r}) hold 1 class; classification "
-                            "needs two or more")
+        _two_classes(y_train, path, label)
     else:
         y_train, y_test, names = _label_ids(train_cols[-1], test_cols[-1], train.features[label],
                                             test.features[label], path, label)
@@ -394,11 +396,11 @@ def _read(key: str) -> OwnData:
                 break
         size = dcfg.get("image_size")
         train_images = _images(train_cols[0], path, dcfg.train_split, grey, size)
-        return OwnData((), y_train, (), y_test, names, _source(path, texts_key), groups, train_images,
+        return OwnData((), y_train, (), y_test, names, source, groups, train_images,
                        _images(test_cols[0], path, dcfg.test_split or "held-out", grey, size),
                        channel_stats(train_images))
     return OwnData(tuple(tuple(c) for c in train_cols[:-1]), y_train, tuple(tuple(c) for c in test_cols[:-1]),
-                   y_test, names, _source(path, texts_key), groups)
+                   y_test, names, source, groups)
 
 
 def _source(path: str, key: str) -> str:
