@@ -223,6 +223,7 @@ def apply_update(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     config = msg.content["config"]
     run = _run_of(context, config)
     server_round, pid = int(config[ROUND]), _asked_partition(config, context)
@@ -250,8 +251,9 @@ def train(msg: Message, context: Context) -> Message:
     loss = train_local(model, x, y, run.cfg.local, seed=int(config[SEED]), dp=spec)
     if method.personal_keys(model):
         context.state[PERSONAL] = ArrayRecord(state_tensors(model, method.personal_keys(model)))
-    metrics = MetricRecord({"num-examples": examples, "train_loss": loss})
     reply = ArrayRecord(state_tensors(model, method.up_keys(model, server_round)))
+    metrics = MetricRecord({"num-examples": examples, "train_loss": loss,
+                            "client-seconds": time.perf_counter() - started})  # where a round's time goes
     return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
 
 

@@ -255,13 +255,17 @@ def default_cache_dir() -> Path:
     return Path(absolute(os.environ.get("FEDLORA_CACHE", "~/.cache/fedlora"), "FEDLORA_CACHE"))
 
 
-def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
-    # Several Ray actors may decode the same data set at once: write aside, then rename.
+def save_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez into `path`, written aside, then renamed: several Ray actors may write it at once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @lru_cache(maxsize=8)
@@ -283,7 +287,7 @@ def load_split(name: str, root: str, split: str, download: bool = False, cache_d
         files, _ = _find_source(name, Path(root), download)
         cached = cache / _cache_name(name, split, files)
     try:
-        _save_atomic(cached, images=data.inputs, labels=data.labels)
+        save_atomic(cached, images=data.inputs, labels=data.labels)
     except OSError:
         pass  # a read-only cache only costs a second decode later
     return data

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fedlora.data import Split, dataset_info, load_full, load_own, load_test, load_train_test, to_tensors
+from fedlora.data import (Split, dataset_info, default_cache_dir, load_full, load_own, load_test, load_train_test,
+                          to_tensors)
 from fedlora.errors import DataError
 from fedlora.partition import partition_indices
 from fedlora.seeds import derive_seed
@@ -29,7 +30,8 @@ def _data_key(cfg: DictConfig) -> str:
 def _federated_data(key: str) -> tuple[Split, Split, list[np.ndarray]]:
     cfg = OmegaConf.create(json.loads(key))
     train, test = load_train_test(cfg)
-    parts = partition_indices(train.labels, cfg.num_clients, cfg.partition, cfg.seed, train.groups)
+    parts = partition_indices(train.labels, cfg.num_clients, cfg.partition, cfg.seed, train.groups,
+                              cache_dir=cfg.data.cache_dir or default_cache_dir())
     return train, test, parts
 
 

@@ -30,6 +30,12 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} GB"
 
 
+def without_times(row: dict[str, Any]) -> dict[str, Any]:
+    """A round's figures but its wall-clock times (the `*_seconds` keys): what a rerun of the same
+    seeded run reproduces."""
+    return {k: v for k, v in row.items() if not k.endswith("_seconds")}
+
+
 def _finite_or_none(row: dict[str, Any]) -> dict[str, Any]:
     # JSON has no NaN: a value that could not be measured (no valid reply this round) is null.
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}

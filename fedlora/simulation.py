@@ -22,6 +22,56 @@ FLOWER_OFFLINE_ENV = {
 }
 
 
+def _deliver_pending(state, queue, nodes_mapping, f_stop) -> None:
+    """Flower 1.41's simulation loop that hands the virtual clients their messages
+    (`vce_api.add_messages_to_queue`), made to cost the messages waiting rather than the nodes
+    times the messages: every 0.1 s it asked the link state for one undelivered message of each
+    node in turn, and each ask walked every stored message with its expiry check. With 10,000
+    virtual clients that kept a driver core busy through every round (rounds 20% longer than with
+    100, the discovery of the nodes minutes long: benchmarks/README.md). This walks the stored
+    messages once per 0.1 s, with the same expiry check, and queues the same messages in the same
+    order: at most one per node per pass, by node in the order the nodes were registered."""
+    from flwr.supercore.date import now
+
+    order = {node: i for i, node in enumerate(nodes_mapping)}
+    while not f_stop.is_set():
+        with state.lock:
+            ids = list(state.message_ins_store)
+            state._check_stored_messages(set(ids))  # expired messages dropped, as each ask did
+            taken: dict[int, object] = {}
+            for msg_id in ids:
+                msg = state.message_ins_store.get(msg_id)
+                if (msg is not None and msg.metadata.delivered_at == "" and msg.metadata.dst_node_id in order
+                        and msg.metadata.dst_node_id not in taken):
+                    taken[msg.metadata.dst_node_id] = msg
+            delivered_at = now().isoformat()
+            for msg in taken.values():
+                msg.metadata.delivered_at = delivered_at
+        for node in sorted(taken, key=order.__getitem__):
+            queue.put(taken[node])
+        f_stop.wait(0.1)
+
+
+def _use_scalable_delivery() -> None:
+    """Put `_deliver_pending` in place of Flower's loop, where the simulation's link state is the
+    in-memory one it was written for (Flower 1.41); otherwise Flower's own loop stays."""
+    import flwr
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    if flwr.__version__ != "1.41.0":  # the loop it replaces, and the state's internals it reads, are 1.41's
+        return
+    original = getattr(vce_api, "_flower_add_messages_to_queue", vce_api.add_messages_to_queue)
+    vce_api._flower_add_messages_to_queue = original
+
+    def add_messages_to_queue(state, queue, nodes_mapping, f_stop):
+        if type(state) is InMemoryLinkState and hasattr(state, "message_ins_store"):
+            return _deliver_pending(state, queue, nodes_mapping, f_stop)
+        return original(state, queue, nodes_mapping, f_stop)
+
+    vce_api.add_messages_to_queue = add_messages_to_queue
+
+
 def backend_config(cfg: DictConfig) -> dict:
     import torch
 
@@ -60,6 +110,7 @@ def run_simulation(cfg: DictConfig, run_dir: str | Path) -> None:
     from strategies.server_app import server_finished, stop_requested
 
     setup_logging(cfg.verbose)  # again: importing Flower set its own log level
+    _use_scalable_delivery()
 
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                       run_config={"fedlora-config": to_json(cfg), "run-dir": str(Path(run_dir).resolve())})

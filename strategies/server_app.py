@@ -208,6 +208,18 @@ def start_afresh(cfg: DictConfig, method: Method, model, strategy: MethodStrateg
     recorder.extra.setdefault("resumed", []).append({"after_round": after, "notes": notes})
 
 
+def round_times(started: float, trained: float, aggregated: float, evaluating: float, evaluated: float,
+                train: MetricRecord) -> dict[str, float]:
+    """Where a round's time went: the wait for the clients' training replies, the aggregation, the
+    server's evaluation, and the clients' own time on their messages (the slowest one's, and the sum):
+    the wait beyond the slowest client is what the messages and the scheduling of clients cost."""
+    times = {"train_seconds": trained - started, "aggregate_seconds": aggregated - trained,
+             "eval_seconds": evaluated - evaluating}
+    if "client-seconds-max" in train:
+        times |= {"slowest_client_seconds": train["client-seconds-max"], "all_clients_seconds": train["client-seconds-sum"]}
+    return {k: round(float(v), 3) for k, v in times.items()}
+
+
 def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer: Checkpointer | None = None,
         resumed: Checkpoint | None = None) -> Result:
     """The rounds of a run, as Flower's Strategy.start runs them, with the broadcast of a method whose
@@ -284,7 +296,9 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
             log.warning("round %d: %d valid replies, fewer than min_replies=%d: asking %d more clients", rnd, valid,
                         cfg.min_replies, len(retry))
             strategy.accept(rnd, grid.send_and_receive(retry, timeout=timeout))
+        trained = time.time()
         arrays, train = strategy.finish_train(rnd)
+        aggregated = time.time()
         dp_figures = {}
         if privacy is not None:
             dp_figures["dp_epsilon"] = privacy.trained({p: strategy.examples_of_partition[p] for p in strategy.trained})
@@ -297,14 +311,17 @@ def run(grid: MeteredGrid, cfg: DictConfig, recorder: RunRecorder, checkpointer:
             recorder.extra["clients_never_accepted"] = sorted(strategy.never_accepted())
         if method.broadcasts and rnd < cfg.num_rounds:  # after the last round there is no next one to prepare
             strategy.aggregate_broadcast(rnd, grid.send_and_receive(strategy.configure_broadcast(rnd), timeout=timeout))
+        evaluating = time.time()
         scores = evaluate_global(rnd, arrays)
-        row = method.round_figures()  # what the method measures of its own aggregation
+        figures = method.round_figures()  # what the method measures of its own aggregation
+        row = figures | round_times(started, trained, aggregated, evaluating, time.time(), train)
         if cfg.model.get("task") == "causal_lm":  # accuracy is per target token there; perplexity beside it
             row["test_perplexity"] = math.exp(min(scores["loss"], 700.0))
             if "exact_match" in scores:
                 row["test_exact_match"] = scores["exact_match"]
-        if row:
-            log.info("round %d: %s", rnd, ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
+        logged = figures | {k: row[k] for k in ("test_perplexity", "test_exact_match") if k in row}
+        if logged:
+            log.info("round %d: %s", rnd, ", ".join(f"{k} {v:.4g}" for k, v in logged.items()))
         if cfg.eval.clients:  # its messages counted apart: evaluation is not what the method costs
             evaluation = Ledger()
             replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid),

@@ -191,7 +191,8 @@ class MethodStrategy(Strategy):
         """The global state after the method combined the round's valid replies (the round's starting
         state when there were fewer than `min_replies`), and the round's figures: clients aggregated,
         replies rejected (failed ones among them), clients that failed, and that did not answer in
-        time, examples, and the example-weighted training loss (NaN when nothing was aggregated).
+        time, examples, and the example-weighted training loss (NaN when nothing was aggregated), with
+        the slowest client's own seconds and the sum of all (where the clients report them).
         Raises FedloraError when every client of the round failed outright (an error, not a bad
         reply): the same failure would repeat every round."""
         timed_out = [pid for pid in self.sampled if pid not in self.replied]
@@ -207,6 +208,9 @@ class MethodStrategy(Strategy):
             total = sum(r.num_examples for r in valid)
             metrics["num-clients"], metrics["num-examples"] = len(valid), total
             metrics["train_loss"] = sum(r.train_loss * r.num_examples for r in valid) / total
+            seconds = [r.seconds for r in valid if r.seconds is not None]
+            if seconds:  # where a round's time goes: the slowest client, and all of them together
+                metrics["client-seconds-max"], metrics["client-seconds-sum"] = max(seconds), sum(seconds)
         elif valid:
             log.warning("round %d: %d valid replies, fewer than min_replies=%d; the global model stays as it was",
                         server_round, len(valid), self.min_replies)

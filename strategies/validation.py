@@ -22,6 +22,7 @@ class TrainReply:
     arrays: dict[str, np.ndarray]
     num_examples: int
     train_loss: float
+    seconds: float | None = None  # the client's own time on the message, as it reports it
 
 
 def node_of_reply(reply: Message, sent: list[Message]) -> int:
@@ -48,7 +49,8 @@ def parse_train_reply(content: RecordDict, spec: Spec) -> TrainReply:
 
     The content must hold ArrayRecord "arrays" with exactly the keys of `spec`, each of its shape and
     dtype with finite values, and MetricRecord "metrics" with a positive integer "num-examples" and a
-    finite "train_loss".
+    finite "train_loss"; an optional "client-seconds" (how long the client spent on the message) is kept
+    where it is a number of seconds.
     """
     record = content.array_records.get("arrays")
     if record is None:
@@ -80,4 +82,6 @@ def parse_train_reply(content: RecordDict, spec: Spec) -> TrainReply:
     loss = metrics.get("train_loss")
     if not isinstance(loss, (int, float)) or not np.isfinite(loss):
         raise ReplyRejected(f"'train_loss' must be a finite number (got {loss!r})")
-    return TrainReply(arrays, n, float(loss))
+    seconds = metrics.get("client-seconds")  # optional: a diagnostic, not checked beyond its type
+    seconds = float(seconds) if isinstance(seconds, (int, float)) and np.isfinite(seconds) and seconds >= 0 else None
+    return TrainReply(arrays, n, float(loss), seconds)

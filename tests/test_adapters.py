@@ -91,6 +91,27 @@ def test_bora_blocks_are_uneven_when_needed_and_with_one_block_and_identity_it_i
     assert torch.allclose(one.matrix(), one.lora_B @ one.lora_A)
 
 
+def test_bora_applies_its_blocks_without_forming_the_update_with_the_same_output_and_gradients():
+    from fedlora.parametrizations.base import Delta
+
+    a = BoRA(10, 7, r=2, blocks=3)  # uneven blocks
+    a.reset(0)
+    with torch.no_grad():
+        a.lora_B.normal_()
+    x = torch.randn(5, 3, 7, requires_grad=True)
+    outputs, grads = [], []
+    for forward in (BoRA.forward, Delta.forward):  # its own, and x (s ΔW)ᵀ with ΔW formed
+        a.zero_grad()
+        x.grad = None
+        y = forward(a, x, 2.0)
+        (y * torch.arange(10.0)).sum().backward()
+        outputs.append(y.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in a.parameters()])
+    assert outputs[0].shape == (5, 3, 10) and torch.allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    for got, want in zip(*grads):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("delta", [lambda: LoRA(96, 64, 4, init="nonzero"), lambda: BoRA(96, 64, 4, blocks=2)])
 def test_folding_an_adapter_keeps_the_output(delta):
     base = linear()

@@ -88,6 +88,27 @@ def test_a_kronecker_block_is_the_kron_of_its_factors():
         assert torch.allclose(W[r * h:(r + 1) * h, c * w:(c + 1) * w], torch.kron(f.A[o], f.B[o]))
 
 
+@pytest.mark.parametrize("kind", ["lowrank", "aad_lowrank"])
+def test_a_low_rank_delta_applies_its_update_without_forming_it_and_gets_the_formed_output_and_gradients(kind):
+    from fedlora.parametrizations.base import Delta
+
+    f = trained_clients(kind, 1)[0]
+    for b in f.buffers():  # the frozen factors too: every factor non-zero
+        b.add_(0.1 * torch.randn_like(b))
+    x = torch.randn(4, 16, N, requires_grad=True)
+    outputs, grads = [], []
+    for forward in (type(f).forward, Delta.forward):  # the class's own, and x (s ΔW)ᵀ with ΔW formed
+        f.zero_grad()
+        x.grad = None
+        y = forward(f, x, 0.5)
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        outputs.append(y.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in f.parameters()])
+    assert outputs[0].shape == (4, 16, M) and torch.allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_kronecker_tilings_are_exact_and_reach_a_higher_rank_than_low_rank_at_equal_parameters():
     for m, n in ((192, 96), (384, 192), (768, 384), (100, 30), (97, 64)):
         for s in kron_shapes(m, n):

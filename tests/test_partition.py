@@ -95,3 +95,30 @@ def test_partition_shard_with_more_shards_than_samples_is_a_config_error():
 
     with pytest.raises(ConfigError, match="48 samples cannot make 3 x 40 shards .*shards_per_client=16 or less"):
         partition_indices(np.repeat(np.arange(3), 16), 3, pcfg(name="shard", shards_per_client=40), seed=0)
+
+
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")
+def test_partitions_kept_on_disk_are_read_back_without_the_partitioners(labels, tmp_path):
+    import subprocess
+    import sys
+
+    parts = partition_indices(labels, 50, pcfg(alpha=0.3), seed=4, cache_dir=tmp_path)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, partition_indices(labels, 50, pcfg(alpha=0.3), seed=4)))
+    files = list(tmp_path.glob("partitions-*.npz"))
+    assert len(files) == 1
+    files[0].write_bytes(b"not a zip")  # an unreadable file: computed and written again
+    again = partition_indices(labels, 50, pcfg(alpha=0.3), seed=4, cache_dir=tmp_path)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again)) and files[0].stat().st_size > 100
+    # another seed, another client count, other labels: other files
+    partition_indices(labels, 50, pcfg(alpha=0.3), seed=5, cache_dir=tmp_path)
+    partition_indices(labels, 40, pcfg(alpha=0.3), seed=4, cache_dir=tmp_path)
+    partition_indices(labels[::-1].copy(), 50, pcfg(alpha=0.3), seed=4, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("partitions-*.npz"))) == 4
+    # a process that finds them reads them, and imports none of what computing them needs
+    np.save(tmp_path / "labels.npy", labels)
+    code = ("import sys, numpy as np; from omegaconf import OmegaConf; from fedlora.partition import partition_indices; "
+            f"p = partition_indices(np.load({str(tmp_path / 'labels.npy')!r}), 50, OmegaConf.create({dict(pcfg(alpha=0.3))!r}), "
+            f"seed=4, cache_dir={str(tmp_path)!r}); "
+            "print(sum(len(x) for x in p), sorted({'datasets', 'flwr_datasets', 'pandas', 'scipy'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(sum(len(p) for p in parts)), "[]"]

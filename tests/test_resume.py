@@ -19,12 +19,13 @@ from conftest import PRESETS, SMALL, metrics_rows
 from fedlora.checkpoint import CHECKPOINT_DIR, INDEX, Checkpoint, read_checkpoint, resumed_config, write_checkpoint
 from fedlora.config import compose, resolve
 from fedlora.errors import ConfigError
+from fedlora.records import without_times
 from fedlora.simulation import run_simulation
 
 
 def measured(rows):
     """What a resumed run must reproduce: every figure of every round but its wall-clock time."""
-    return [{k: v for k, v in r.items() if k != "round_seconds"} for r in rows]
+    return [without_times(r) for r in rows]
 
 
 # --- the files ---------------------------------------------------------------------------------------

@@ -15,13 +15,15 @@ from fedlora.config import compose, resolve
 from fedlora.simulation import run_simulation
 from fedlora.partition import class_histogram
 from fedlora.federated_data import federated_data
+from fedlora.records import without_times
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from reference_fedavg import reference_fedavg  # noqa: E402
 
 CLI = str(Path(sys.executable).with_name("fedlora-sim"))
 KEYS = {"round", "test_accuracy", "test_loss", "train_loss", "num_clients", "rejected", "failed", "timed_out", "bytes_up",
-        "bytes_down", "cum_bytes_up", "cum_bytes_down", "round_seconds"}
+        "bytes_down", "cum_bytes_up", "cum_bytes_down", "round_seconds", "train_seconds", "aggregate_seconds", "eval_seconds",
+        "slowest_client_seconds", "all_clients_seconds"}
 
 
 def rows(run_dir):
@@ -29,7 +31,7 @@ def rows(run_dir):
 
 
 def without_time(metrics):
-    return [{k: v for k, v in r.items() if k != "round_seconds"} for r in metrics]
+    return [without_times(r) for r in metrics]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,9 @@ def test_cli_run_writes_the_records(cli_run):
     run_dir, stdout = cli_run
     metrics = rows(run_dir)
     assert [r["round"] for r in metrics] == [1, 2] and all(set(r) == KEYS for r in metrics)
+    for r in metrics:  # the breakdown of a round's time: parts of it, the clients' within the wait for them
+        assert r["train_seconds"] + r["aggregate_seconds"] + r["eval_seconds"] <= r["round_seconds"] + 0.01
+        assert 0 < r["slowest_client_seconds"] <= r["all_clients_seconds"] and r["slowest_client_seconds"] <= r["train_seconds"]
     cfg = resolve(compose(SMALL))
     _, model = built(cfg)
     # each sampled client gets every float state tensor (float32 + numpy's 128-byte header) and returns it
@@ -132,3 +137,62 @@ def test_ctrl_c_keeps_the_completed_rounds(tmp_path):
     assert summary["status"] == "interrupted" and 1 <= summary["rounds_completed"] == len(done) < 50
     # the interrupted round's messages count too
     assert summary["total_bytes_down"] >= done[-1]["cum_bytes_down"]
+
+
+def test_the_simulations_message_delivery_takes_what_flowers_loop_takes_in_its_order():
+    """fedlora's replacement of Flower 1.41's delivery loop (simulation._deliver_pending): one pass over
+    a link state holding several messages for some nodes and none for others queues the messages
+    that Flower's own pass queues, in the same order, and marks the same ones delivered."""
+    import threading
+    from queue import Queue
+
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora.simulation import _deliver_pending, _use_scalable_delivery
+
+    class OnePass(threading.Event):  # the loop stops after its first pass
+        def wait(self, timeout=None):
+            self.set()
+            return True
+
+    def one_pass(deliver):
+        factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+        nodes = vce_api._register_nodes(num_nodes=6, state_factory=factory)
+        state = factory.state()
+        run = Run.create_empty(run_id=7)
+        run.primary_task_id, run.federation_id = 1, NOOP_FEDERATION_ID
+        state.run_ids[run.run_id] = RunRecord(run=run)
+        state.task_store[1] = Task(task_id=1, run_id=run.run_id)
+        grid = InMemoryGrid(state_factory=factory)
+        grid.set_run(run)
+        identity = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+        ids = list(nodes)
+        to = [ids[4], ids[1], ids[4], ids[0], ids[5], ids[1]]  # two each for nodes 4 and 1, none for 2 and 3
+        try:  # the identity that Flower's simulation gives its ServerApp, as it is pushing
+            grid.push_messages([Message(RecordDict({"c": ConfigRecord({"i": i})}), dst_node_id=n,
+                                        message_type="query") for i, n in enumerate(to)])
+        finally:
+            TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = identity
+        queue = Queue()
+        deliver(state, queue, nodes, OnePass())
+        got = [(nodes[m.metadata.dst_node_id], int(m.content["c"]["i"])) for m in list(queue.queue)]  # by partition
+        left = sorted(int(m.content["c"]["i"]) for m in state.message_ins_store.values() if m.metadata.delivered_at == "")
+        return got, left
+
+    flowers = one_pass(vce_api.__dict__.get("_flower_add_messages_to_queue", vce_api.add_messages_to_queue))
+    ours = one_pass(_deliver_pending)
+    assert ours == flowers == ([(0, 3), (1, 1), (4, 0), (5, 4)], [2, 5])
+    _use_scalable_delivery()  # what run_simulation puts in place: ours, for the in-memory state
+    assert one_pass(vce_api.add_messages_to_queue) == ours

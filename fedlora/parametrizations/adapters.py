@@ -46,6 +46,8 @@ def _check_size(key: str, value: int, m: int, n: int) -> None:
 
 
 class LoRA(Delta):
+    factored = True  # applies its factors to x without forming ΔW
+
     def __init__(self, m: int, n: int, r: int, init: str = "zero", beta_a: float = 1.0, beta_b: float = 1.0):
         super().__init__(m, n)
         _check_size("r", r, m, n)
@@ -78,6 +80,9 @@ class LoRASB(Delta):
     """LoRA-SB's adapter (LoRA-XS's architecture): ΔW = B R A, B (m x r) and A (r x n) frozen, R (r x r)
     trained. `reset` draws B and A Kaiming-uniform and sets R = 0 (ΔW = 0); Fed-SB then sets all three
     from the truncated SVD of an approximation of the first full update (`set_from_update`)."""
+
+    factored = True  # applies its factors to x without forming ΔW
+
 
     def __init__(self, m: int, n: int, r: int):
         super().__init__(m, n)
@@ -116,6 +121,8 @@ def _splits(size: int, b: int) -> list[int]:
 
 
 class BoRA(Delta):
+    factored = True  # applies its factors to x without forming ΔW
+
     def __init__(self, m: int, n: int, r: int, blocks: int = 4):
         super().__init__(m, n)
         _check_size("r", r, m, n)
@@ -145,6 +152,16 @@ class BoRA(Delta):
         rows = [torch.cat([(b_i * d[i, j]) @ a_j for j, a_j in enumerate(a_blocks)], dim=1)
                 for i, b_i in enumerate(b_blocks)]
         return torch.cat(rows, dim=0)
+
+    def forward(self, x: torch.Tensor, scaling: float) -> torch.Tensor:
+        # without forming the m x n update: z_j = A_j x_j for each column block j, then row block i
+        # is B_i (Σ_j Σ_ij z_j); thin matmuls of rank r only
+        d = self.diagonals()
+        z = torch.stack([x_j @ a_j.T for x_j, a_j in zip(torch.split(x, self.col_sizes, dim=-1),
+                                                         torch.split(self.lora_A, self.col_sizes, dim=1))], dim=-2)
+        mixed = torch.einsum("...jr,ijr->...ir", z, d)  # (..., b, r): row block i's Σ_j Σ_ij z_j
+        b_blocks = torch.split(self.lora_B, self.row_sizes, dim=0)
+        return torch.cat([mixed[..., i, :] @ b_i.T for i, b_i in enumerate(b_blocks)], dim=-1) * scaling
 
 
 # ---------------------------------------------------------------- configs and injection

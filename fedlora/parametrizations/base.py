@@ -32,7 +32,10 @@ from fedlora.seeds import derive_seed
 
 class Delta(nn.Module):
     """An m x n matrix built from factors. `reset(seed)` draws every factor (frozen and trainable
-    alike); `trainable_count` is the number of parameters that train."""
+    alike); `trainable_count` is the number of parameters that train. A `factored` delta applies its
+    factors to an input without forming the matrix (`forward`), at a fraction of a dense layer's cost."""
+
+    factored = False
 
     def __init__(self, m: int, n: int):
         super().__init__()
@@ -76,8 +79,11 @@ class DeltaLayer(nn.Module):
     """A Conv2d or Linear whose weight is W + s ΔW, W frozen.
 
     - `replace_weight`: the weight is ΔW alone (W is dropped): a factorized weight trained from scratch.
-    - `additive`: y = layer(x; W) + s · delta(dropout(x)), without forming W + s ΔW (Linear
-      layers only): the adapters' way; otherwise the layer runs once with the summed weight.
+    - `additive` (Linear layers only, the adapters' way): y = layer(x; W) + s · delta(dropout(x)),
+      without forming ΔW, for a `factored` delta (LoRA, BoRA, low rank) or under dropout while
+      training; otherwise, and for every non-additive layer, the layer runs once with W + s ΔW (for
+      Kronecker blocks on MiniLM: 3 matmuls against 5 with the formed ΔW applied apart, 1.8x the dense
+      layer's forward + backward before, see benchmarks/layer_cost.py).
     - `train_bias`: the base bias stays trainable (FedMUD keeps it dense); otherwise it is frozen.
     - `subtract_initial`: `reset` takes the drawn s ΔW out of W, so a non-zero initial delta leaves
       the layer's output as it was (relative to the original W however often it is reset).
@@ -117,7 +123,7 @@ class DeltaLayer(nn.Module):
         return F.conv2d(x, weight, self.bias, **self._conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.additive:
+        if self.additive and (self.delta.factored or (self.training and isinstance(self.dropout, nn.Dropout))):
             return self._layer(x, self.weight) + self.delta(self.dropout(x), self.scaling)
         return self._layer(x, self.full_weight())
 

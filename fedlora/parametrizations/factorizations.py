@@ -31,6 +31,8 @@ def _normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.T
 
 
 class LowRank(Delta):
+    factored = True  # applies its factors to x without forming ΔW
+
     def __init__(self, m: int, n: int, rank: int, magnitude: float):
         super().__init__(m, n)
         self.rank, self.magnitude = rank, magnitude
@@ -44,8 +46,13 @@ class LowRank(Delta):
     def matrix(self) -> torch.Tensor:
         return self.L @ self.R
 
+    def forward(self, x: torch.Tensor, scaling: float) -> torch.Tensor:
+        return (x @ self.R.T @ self.L.T) * scaling  # two thin matmuls, as LoRA's
+
 
 class AggregationAwareLowRank(Delta):
+    factored = True  # applies its factors to x without forming ΔW
+
     def __init__(self, m: int, n: int, rank: int, magnitude: float):
         super().__init__(m, n)
         self.rank, self.magnitude = rank, magnitude
@@ -63,6 +70,9 @@ class AggregationAwareLowRank(Delta):
 
     def matrix(self) -> torch.Tensor:
         return self.L1 @ self.R1 + self.L2 @ self.R2
+
+    def forward(self, x: torch.Tensor, scaling: float) -> torch.Tensor:
+        return (x @ self.R1.T @ self.L1.T + x @ self.R2.T @ self.L2.T) * scaling
 
 
 @dataclass(frozen=True)
@@ -95,10 +105,15 @@ class KronShape:
 
 
 def _kron_blocks(a: torch.Tensor, b: torch.Tensor, shape: KronShape) -> torch.Tensor:
-    """Blocks kron(a[o], b[o]) laid out on the grid: the (rows*h1*h2) x (cols*w1*w2) matrix."""
+    """Blocks kron(a[o], b[o]) laid out on the grid: the (rows*h1*h2) x (cols*w1*w2) matrix.
+
+    Block o = (r, c) of the grid holds a[o][i, j] * b[o][k, l] at row (r, i, k), column (c, j, l): one
+    broadcast product written straight into that layout (no intermediate of the matrix's size to
+    permute, which cost 1.6x the time for a 512 x 4608 VGG kernel)."""
     s = shape
-    blocks = torch.einsum("gij,gkl->gikjl", a, b).reshape(s.rows, s.cols, s.h1 * s.h2, s.w1 * s.w2)
-    return blocks.permute(0, 2, 1, 3).reshape(s.rows * s.h1 * s.h2, s.cols * s.w1 * s.w2)
+    a = a.view(s.rows, s.cols, s.h1, s.w1).permute(0, 2, 1, 3)[:, :, None, :, :, None]  # r, i, ., c, j, .
+    b = b.view(s.rows, s.cols, s.h2, s.w2).permute(0, 2, 1, 3)[:, None, :, :, None, :]  # r, ., k, c, ., l
+    return (a * b).reshape(s.rows * s.h1 * s.h2, s.cols * s.w1 * s.w2)
 
 
 class Kronecker(Delta):
