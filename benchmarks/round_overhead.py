@@ -12,9 +12,10 @@ threads sum a convolution's gradients in another order than two one-thread clien
     python benchmarks/round_overhead.py --rounds 3
 
 Prints JSON: per method, each round's seconds in both, `ratio` (fedlora's mean round time over the
-loop's; target at most 1.25), the loop's split of a round (training, aggregation, evaluation) and the
-fedlora driver process's CPU seconds per round (the ServerApp and Ray's driver, Ray's start and the
-initial evaluation included).
+loop's; target at most 1.25), the split of each round in both (fedlora's from its records: the
+clients' own time, the wait for them beyond the least that its Ray actors could take, aggregation,
+evaluation, the rest) and the fedlora driver process's CPU seconds per round (the ServerApp and Ray's
+driver, Ray's start and the initial evaluation included).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def driver_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def fedlora_rounds(cfg) -> tuple[list[float], list[float], float]:
-    """(seconds of each round, accuracy after each, the driver's CPU seconds over the rounds)."""
+def fedlora_rounds(cfg) -> tuple[list[dict], float]:
+    """(each round's records, the driver's CPU seconds over the run)."""
     from fedlora.simulation import run_simulation
 
     with tempfile.TemporaryDirectory() as run_dir:
@@ -51,7 +52,24 @@ def fedlora_rounds(cfg) -> tuple[list[float], list[float], float]:
         run_simulation(cfg, run_dir)
         cpu = driver_cpu() - cpu
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["round_seconds"] for r in rows], [r["test_accuracy"] for r in rows], cpu
+    return rows, cpu
+
+
+def breakdown(row: dict, actors: int) -> dict:
+    """Where a fedlora round's time went: the clients' own time on their messages, the least time
+    `actors` clients in parallel could take for them (the slowest client, or an even share of all),
+    the wait beyond that (messages, Ray, and how the clients fell to the actors), aggregation, the
+    server's evaluation, and the rest (a broadcast, the clients' evaluation, the records). A round
+    that aggregated nothing has no clients' times: those figures are then null."""
+    rest = row["round_seconds"] - row["train_seconds"] - row["aggregate_seconds"] - row["eval_seconds"]
+    out = {"clients_sum": None, "slowest_client": None, "least_training_wait": None,
+           "training_wait": row["train_seconds"], "beyond_least": None, "aggregation": row["aggregate_seconds"],
+           "evaluation": row["eval_seconds"], "rest": round(rest, 3)}
+    if row.get("slowest_client_seconds") is not None:
+        least = max(row["slowest_client_seconds"], row["all_clients_seconds"] / actors)
+        out |= {"clients_sum": row["all_clients_seconds"], "slowest_client": row["slowest_client_seconds"],
+                "least_training_wait": round(least, 3), "beyond_least": round(row["train_seconds"] - least, 3)}
+    return out
 
 
 def loop_rounds(cfg, threads: int) -> tuple[list[dict], list[float]]:
@@ -117,11 +135,13 @@ def main() -> None:
         preflight(cfg)  # the data decoded and partitioned once, for both
         cores = cfg.simulation.ray_num_cpus or os.cpu_count()
         loop, loop_acc = loop_rounds(cfg, cores)
-        seconds, acc, cpu = fedlora_rounds(cfg)
+        rows, cpu = fedlora_rounds(cfg)
+        seconds, acc = [r["round_seconds"] for r in rows], [r["test_accuracy"] for r in rows]
+        actors = int(cores // cfg.simulation.client_resources.num_cpus)
         mean_fedlora = sum(seconds) / len(seconds)
         mean_loop = sum(r["seconds"] for r in loop) / len(loop)
         out["methods"][name] = {
-            "fedlora_round_seconds": seconds, "loop_rounds": loop, "ratio": round(mean_fedlora / mean_loop, 3),
+            "fedlora_round_seconds": seconds, "fedlora_rounds": [breakdown(r, actors) for r in rows], "loop_rounds": loop, "ratio": round(mean_fedlora / mean_loop, 3),
             "fedlora_driver_cpu_seconds_per_round": round(cpu / len(seconds), 2), "loop_threads": cores,
             "fedlora_accuracy": acc, "loop_accuracy": loop_acc,
             "max_accuracy_difference": round(max(abs(a - b) for a, b in zip(acc, loop_acc)), 4)}
