@@ -25,30 +25,31 @@ FLOWER_OFFLINE_ENV = {
 def _deliver_pending(state, queue, nodes_mapping, f_stop) -> None:
     """Flower 1.41's simulation loop that hands the virtual clients their messages
     (`vce_api.add_messages_to_queue`), made to cost the messages waiting rather than the nodes
-    times the messages: every 0.1 s it asked the link state for one undelivered message of each
-    node in turn, and each ask walked every stored message with its expiry check. With 10,000
-    virtual clients that kept a driver core busy through every round (rounds 20% longer than with
-    100, the discovery of the nodes minutes long: benchmarks/README.md). This walks the stored
-    messages once per 0.1 s, with the same expiry check, and queues the same messages in the same
-    order: at most one per node per pass, by node in the order the nodes were registered."""
+    times the messages, and to keep the server's order. Every 0.1 s Flower asked the link state for
+    one undelivered message of each node in turn, and each ask walked every stored message with
+    its expiry check: with 10,000 virtual clients that kept a driver core busy through every round
+    (rounds 20% longer than with 100, and the start two minutes longer: benchmarks/README.md). This
+    walks the stored messages once per 0.1 s, with the same expiry check, and queues the same
+    messages (at most one per node per pass), in the order the server pushed them rather than by
+    node: the strategy sends a round's largest clients first (`MethodStrategy._train_messages`)."""
     from flwr.supercore.date import now
 
-    order = {node: i for i, node in enumerate(nodes_mapping)}
+    nodes = set(nodes_mapping)
     while not f_stop.is_set():
         with state.lock:
             ids = list(state.message_ins_store)
             state._check_stored_messages(set(ids))  # expired messages dropped, as each ask did
-            taken: dict[int, object] = {}
+            taken: dict[int, object] = {}  # node -> its first undelivered message, in the order stored
             for msg_id in ids:
                 msg = state.message_ins_store.get(msg_id)
-                if (msg is not None and msg.metadata.delivered_at == "" and msg.metadata.dst_node_id in order
+                if (msg is not None and msg.metadata.delivered_at == "" and msg.metadata.dst_node_id in nodes
                         and msg.metadata.dst_node_id not in taken):
                     taken[msg.metadata.dst_node_id] = msg
             delivered_at = now().isoformat()
             for msg in taken.values():
                 msg.metadata.delivered_at = delivered_at
-        for node in sorted(taken, key=order.__getitem__):
-            queue.put(taken[node])
+        for msg in taken.values():
+            queue.put(msg)
         f_stop.wait(0.1)
 
 

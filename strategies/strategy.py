@@ -110,7 +110,9 @@ class MethodStrategy(Strategy):
         fixed = set(self.method.fixed_keys(self.model))
         faults = self._faults(server_round, pids, attempt)
         messages = []
-        for pid in pids:
+        # the largest clients first: a simulation hands them to its actors in this order, so that the
+        # last to start is a small one, not a large one that keeps the round waiting on one actor
+        for pid in sorted(pids, key=lambda p: (-self.examples_of_partition.get(p, 0), p)):
             # each client its own RecordDict, so that a per-client payload never leaks into another's message
             seed = derive_seed(self.seed, "train", server_round, pid)
             config = ConfigRecord({ROUND: server_round, PARTITION: pid, SEED: seed})

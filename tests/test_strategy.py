@@ -13,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from conftest import built
 from fedlora.config import compose, resolve
 from fedlora.errors import FedloraError
+from fedlora.protocol import PARTITION
 from strategies.grid import message_bytes
 from strategies.strategy import MethodStrategy
 from strategies.validation import ReplyRejected, parse_train_reply, tensor_spec
@@ -168,8 +169,11 @@ def test_replies_must_come_from_this_rounds_clients_once_with_their_own_size(cfg
     sizes = {pid: 50 + pid for pid in range(cfg.num_clients)}
     strategy = make_strategy(cfg, sizes)
     messages = list(strategy.configure_train(1, arrays, None, None))
+    pids = [int(m.content["config"][PARTITION]) for m in messages]
+    assert sorted(pids) == sorted(strategy.sample(1))
+    # the largest first: a simulation hands them to its actors in this order
+    assert [sizes[p] for p in pids] == sorted((sizes[p] for p in pids), reverse=True)
     values = {k: a.numpy() for k, a in arrays.items()}
-    pids = strategy.sample(1)
     outsider = next(p for p in range(cfg.num_clients) if p not in pids)
     stranger = Message(RecordDict(), dst_node_id=100 + outsider, message_type="train")
     replies = [reply_to(messages[0], values, sizes[pids[0]]),
