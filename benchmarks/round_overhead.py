@@ -141,7 +141,8 @@ def main() -> None:
         mean_fedlora = sum(seconds) / len(seconds)
         mean_loop = sum(r["seconds"] for r in loop) / len(loop)
         out["methods"][name] = {
-            "fedlora_round_seconds": seconds, "fedlora_rounds": [breakdown(r, actors) for r in rows], "loop_rounds": loop, "ratio": round(mean_fedlora / mean_loop, 3),
+            "fedlora_round_seconds": seconds, "fedlora_rounds": [breakdown(r, actors) for r in rows],
+            "loop_rounds": loop, "ratio": round(mean_fedlora / mean_loop, 3),
             "fedlora_driver_cpu_seconds_per_round": round(cpu / len(seconds), 2), "loop_threads": cores,
             "fedlora_accuracy": acc, "loop_accuracy": loop_acc,
             "max_accuracy_difference": round(max(abs(a - b) for a, b in zip(acc, loop_acc)), 4)}

@@ -83,7 +83,6 @@ class LoRASB(Delta):
 
     factored = True  # applies its factors to x without forming ΔW
 
-
     def __init__(self, m: int, n: int, r: int):
         super().__init__(m, n)
         _check_size("r", r, m, n)
