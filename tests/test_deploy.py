@@ -389,3 +389,39 @@ def test_flwr_packages_the_project_with_a_virtual_environment_inside(env_name, t
     names = zipfile.ZipFile(fab).namelist()
     assert "fedlora/config.py" in names and "clients/client_app.py" in names
     assert not any(n.startswith(env_name + "/") for n in names)
+
+
+def test_fedlora_supernodes_serve_every_round_from_one_process(simulated, tmp_path):
+    """Two `fedlora-supernode`s (Flower's SuperNode with --isolation process, beside fedlora's executor)
+    on an insecure SuperLink: the same records as the simulation, and each node's tasks (the opening
+    query and both rounds' training) all run in one executor process, which stays up after the run."""
+    port, home = _free_port(), tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    procs = Processes({**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}"}, tmp_path)
+    try:
+        link = procs.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                           "--disable-runtime-dependency-installation")
+        wait_for_port(port, link)
+        for i in (0, 1):
+            procs.start(f"node-{i}", "fedlora-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                        "--node-config", f"partition-id={i} num-threads=1", "--port", str(_free_port()))
+        deadline = time.time() + 60
+        while len(online_nodes(procs)) < 2:
+            if time.time() > deadline:
+                pytest.fail("the SuperNodes did not come online:\n" + procs.log("node-0")[-2000:])
+            time.sleep(1)
+        run_dir = tmp_path / "deployed"
+        out = procs.run("flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config",
+                        f'overrides="{" ".join(OVERRIDES)}" run-dir="{run_dir}"', timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert_same_rounds(rows(run_dir), simulated)
+        for i in (0, 1):
+            log = procs.log(f"node-{i}")
+            tasks = [line for line in log.splitlines() if " fedlora | task " in line]
+            assert [t.split("(")[1].split(")")[0] for t in tasks] == ["query", "train", "train"], log[-3000:]
+            assert len({t.rsplit("in process ", 1)[1] for t in tasks}) == 1
+        assert all(p.poll() is None for p in procs.started)  # the nodes and their executors are still up
+    finally:
+        procs.stop()

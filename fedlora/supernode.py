@@ -1,0 +1,281 @@
+"""`fedlora-supernode`: a Flower SuperNode whose ClientApp tasks all run in one long-lived process.
+
+Flower 1.41's `flower-supernode`, by default (`--isolation subprocess`), runs Flower's SuperExec,
+which starts a new `flwr-clientapp` process for every message: each round a node's process installs
+the run's FAB, imports PyTorch, reads its data from disk and builds its model again. And the node
+asks the SuperLink for messages every 3 s while it has none, so a round's messages wait 1.5 s on
+average before a node sees them.
+
+`fedlora-supernode` takes `flower-supernode`'s arguments and runs it with `--isolation process`,
+beside an executor of its own (`fedlora-superexec`, a child process; it can also run alone beside
+a `flower-supernode --isolation process`). The executor asks the node's Runtime API for its next
+ClientApp task, runs it in its own process and pushes the reply and the task's status back, as
+`flwr-clientapp` does, and keeps between tasks what fedlora's ClientApp keeps per process: the run's
+model and the node's data tensors. The node asks the SuperLink every `--pull-interval` seconds
+(default 1) while it has no message.
+
+Tasks run one at a time, in the order the node hands them out. The ClientApp is loaded from the
+first task's FAB; a task of another FAB (the project's code changed) makes the executor start
+afresh (`exec`) with that task, so that no module of the old code is kept. The Flower functions
+both use are those of Flower 1.41.0, the version the project pins; under another version they
+refuse to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from functools import partial
+
+log = logging.getLogger("fedlora")
+
+FLOWER = "1.41.0"  # the version whose flwr-clientapp internals this module drives
+
+
+def _runtime_client(address: str, insecure: bool, certificates: bytes | None, component: str,
+                    token: str | None = None):
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
+    if token is not None:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(server_address=address, insecure=insecure,
+                                                 root_certificates=certificates, interceptors=interceptors,
+                                                 retry_invoker=make_simple_http_retry_invoker())
+
+
+def _load_app(run, fab):
+    """The ClientApp of a run's FAB, installed under FLWR_HOME as flwr-clientapp installs it."""
+    from flwr.cli.install import install_from_fab
+    from flwr.clientapp.utils import get_load_client_app_fn
+
+    install_from_fab(fab.content, skip_prompt=True)
+    return get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
+        run.fab_id, run.fab_version, fab.hash_str)
+
+
+class Executor:
+    """Runs the tasks that a SuperNode's Runtime API hands out, in this process, with the ClientApp
+    of one FAB loaded once."""
+
+    def __init__(self, address: str, insecure: bool, certificates: bytes | None):
+        from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+        from flwr.supernode.runtime import run_clientapp
+
+        self.address, self.insecure, self.certificates = address, insecure, certificates
+        # The node hands out a task before it has pulled the message's arrays from the SuperLink; an
+        # object not there yet is asked for again after 1 s, doubling, in Flower: a flwr-clientapp
+        # process takes longer than that to start, this one asks at once. Here after 0.05 s, doubling.
+        run_clientapp.pull_and_inflate_object_from_tree = partial(pull_and_inflate_object_from_tree,
+                                                                  initial_backoff=0.05, backoff_cap=1.0)
+        self.fab_hash: str | None = None
+        self.app = None
+        self.served = 0
+
+    def acquire(self, client) -> tuple[str, str] | None:
+        """(token, FAB hash) of the node's next ClientApp task, or None when it has none."""
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest
+        from flwr.supercore.constant import TaskType
+
+        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        return (res.token, res.task.fab_hash) if res.HasField("task") and res.token else None
+
+    def run_task(self, token: str) -> None:
+        """Pull the task's message, context, run and FAB; run the ClientApp; push its reply (an error
+        reply when it raised) and the task's status. A failure of one task never ends the process."""
+        from flwr.app import Message
+        from flwr.app.error import Error
+        from flwr.clientapp.client_app import LoadClientAppError
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+        client = _runtime_client(self.address, self.insecure, self.certificates, "flwr-clientapp", token)
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        times = [time.perf_counter()]  # started, pulled, ran, pushed
+        message = context = reply = None
+        status, details, what = SubStatus.FAILED, "ClientApp task failed due to unknown reason", "?"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            what = message.metadata.message_type
+            times.append(time.perf_counter())
+            if self.app is None:
+                self.app, self.fab_hash = _load_app(run, fab), fab.hash_str
+            reply = self.app(message=message, context=context)
+            times.append(time.perf_counter())
+            status, details = SubStatus.COMPLETED, ""
+        except Exception as ex:  # noqa: BLE001 - reported to the server as Flower's own executor does
+            code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            details = f"{type(ex)}:<'{ex}'>"
+            if isinstance(ex, LoadClientAppError):
+                code, details = ErrorCode.LOAD_CLIENT_APP_EXCEPTION, "An exception was raised when attempting to load `ClientApp`"
+            log.error("task %s (%s) failed: %s", self.served + 1, what, ex, exc_info=ex)
+            if message is not None:
+                reply = Message(Error(code=code, reason=details), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+                push_task_output(client, context, status, details)
+            except Exception as ex:  # noqa: BLE001 - the node expires the task; the next one may go through
+                log.error("task %s (%s): its reply could not be pushed to the SuperNode: %s", self.served + 1, what, ex)
+            heartbeat.stop()
+            client.close()
+        self.served += 1
+        times.append(time.perf_counter())
+        phases = ", ".join(f"{name} {b - a:.2f} s" for name, a, b in zip(("pulled in", "ran", "replied in"), times,
+                                                                          times[1:])) if len(times) == 4 else "failed"
+        log.info("task %d (%s): %s, in process %d", self.served, what, phases, os.getpid())
+
+    def serve(self, poll: float, first_token: str | None = None) -> None:
+        """Ask for tasks every `poll` seconds while there are none; run each as it comes."""
+        client = _runtime_client(self.address, self.insecure, self.certificates, "SuperExec")
+        if first_token is not None:
+            self.run_task(first_token)
+        down = False
+        while True:
+            try:
+                task = self.acquire(client)
+            except Exception as e:  # noqa: BLE001 - the SuperNode restarting, or not up yet: ask again
+                if not down:
+                    log.warning("the SuperNode's Runtime API at %s does not answer (%s); asking again every %s s",
+                                self.address, e, max(poll, 1.0))
+                down = True
+                time.sleep(max(poll, 1.0))
+                continue
+            if down:
+                log.info("the SuperNode's Runtime API at %s answers again", self.address)
+                down = False
+            if task is None:
+                time.sleep(poll)
+                continue
+            token, fab_hash = task
+            if self.fab_hash is not None and fab_hash != self.fab_hash:
+                log.info("a task of another FAB (%s, not %s): starting afresh", fab_hash[:12], self.fab_hash[:12])
+                client.close()
+                _restart(token)
+            self.run_task(token)
+
+
+def _restart(token: str) -> None:
+    argv = [a for a in sys.argv[1:] if not a.startswith("--first-token")]
+    os.execv(sys.executable, [sys.executable, "-m", "fedlora.supernode", *argv, f"--first-token={token}"])
+
+
+def _check_flower(prog: str) -> None:
+    import flwr
+
+    if flwr.__version__ != FLOWER:
+        sys.exit(f"{prog}: error: it drives Flower {FLOWER}'s SuperNode and ClientApp runtime, this is Flower "
+                 f"{flwr.__version__}: run `flower-supernode` as it is instead")
+
+
+def executor_main(argv: list[str] | None = None) -> None:
+    """`fedlora-superexec`: the executor alone, beside a `flower-supernode --isolation process`."""
+    parser = argparse.ArgumentParser(
+        prog="fedlora-superexec",
+        description="Run a SuperNode's ClientApp tasks in one long-lived process (the SuperNode started with "
+                    "`flower-supernode --isolation process`), so that a node keeps its model and data between "
+                    "rounds. `fedlora-supernode` starts both.")
+    parser.add_argument("--runtime-api-address", default="127.0.0.1:9094",
+                        help="the SuperNode's Runtime API: its --host and --port (default: 127.0.0.1:9094)")
+    tls = parser.add_mutually_exclusive_group()
+    tls.add_argument("--insecure", action="store_true",
+                     help="talk to the Runtime API without TLS (a SuperNode serves it so by default)")
+    tls.add_argument("--root-certificates", help="the CA certificate of the Runtime API's TLS (a PEM file)")
+    parser.add_argument("--poll", type=float, default=0.1,
+                        help="seconds between asks while the node has no task (default: 0.1)")
+    parser.add_argument("--parent-pid", type=int, help="stop when this process ends")
+    parser.add_argument("--first-token", help=argparse.SUPPRESS)  # a task taken over across a restart
+    args = parser.parse_args(argv)
+    from fedlora.records import setup_logging
+
+    setup_logging()
+    _check_flower("fedlora-superexec")
+    if not args.insecure and not args.root_certificates:
+        parser.error("give --insecure (a Runtime API without TLS, as a SuperNode serves it by default) or "
+                     "--root-certificates PEM")
+    if not 0.01 <= args.poll <= 60:
+        parser.error(f"--poll {args.poll}: give 0.01 to 60 seconds")
+    certificates = None
+    if args.root_certificates:
+        try:
+            with open(args.root_certificates, "rb") as f:
+                certificates = f.read()
+        except OSError as e:
+            parser.error(f"--root-certificates: {e}")
+    if args.parent_pid is not None:
+        from flwr.supercore.app_utils import start_parent_process_monitor
+
+        start_parent_process_monitor(args.parent_pid)
+    log.info("serving the ClientApp tasks of the SuperNode at %s in process %d", args.runtime_api_address,
+             os.getpid())
+    try:
+        Executor(args.runtime_api_address, args.insecure, certificates).serve(args.poll, args.first_token)
+    except KeyboardInterrupt:
+        pass
+
+
+class _Sleeps:
+    """`time` as Flower 1.41's SuperNode loop sees it, with its two fixed waits shortened: 3 s between
+    asks of the SuperLink that found no message, 0.5 s between looks for the ClientApp's reply."""
+
+    def __init__(self, pull_interval: float):
+        self.pull_interval = pull_interval
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep({3: self.pull_interval, 0.5: 0.05}.get(seconds, seconds))
+
+
+def main() -> None:
+    """`fedlora-supernode [flower-supernode's arguments] [--pull-interval S]`. This process is the SuperNode:
+    it imports no more of fedlora than this module (not PyTorch)."""
+    prog = "fedlora-supernode"
+    ours = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
+    ours.add_argument("--pull-interval", type=float, default=1.0)
+    ours.add_argument("--isolation")
+    ours.add_argument("--host", default="127.0.0.1")
+    ours.add_argument("--port", default="9094")
+    ours.add_argument("--ssl-certfile")
+    ours.add_argument("--ssl-ca-certfile")
+    args, rest = ours.parse_known_args()
+    if args.isolation is not None:
+        sys.exit(f"{prog}: error: it runs the SuperNode with --isolation process beside its own executor; "
+                 "for Flower's, run `flower-supernode`")
+    if not 0.1 <= args.pull_interval <= 60:
+        sys.exit(f"{prog}: error: --pull-interval {args.pull_interval}: give 0.1 to 60 seconds")
+    _check_flower(prog)
+    import flwr.supernode.start_client_internal as supernode
+    from flwr.supercore.address import resolve_bind_address
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    flower_args, skip = [], False  # flower-supernode's: all but --pull-interval and its value
+    for arg in sys.argv[1:]:
+        if not skip and arg != "--pull-interval" and not arg.startswith("--pull-interval="):
+            flower_args.append(arg)
+        skip = arg == "--pull-interval"
+    if not {"-h", "--help", "-V", "--version"} & set(rest):
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        tls = ["--root-certificates", args.ssl_ca_certfile] if args.ssl_certfile else ["--insecure"]
+        subprocess.Popen([sys.executable, "-m", "fedlora.supernode", "--runtime-api-address",
+                          resolve_bind_address(f"{host}:{args.port}"), *tls, "--parent-pid", str(os.getpid())])
+    else:
+        print(f"{prog}: flower-supernode's arguments (but --isolation), and --pull-interval S: seconds between "
+              "asks of the SuperLink while the node has no message (default: 1; Flower's: 3)\n")
+    supernode.time = _Sleeps(args.pull_interval)
+    sys.argv = ["flower-supernode", *flower_args, "--isolation", "process"]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    executor_main()
