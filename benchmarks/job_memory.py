@@ -43,7 +43,10 @@ def kind(proc: psutil.Process, driver: int) -> str:
         name = " ".join(proc.cmdline()[:3])
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "gone"
-    return "client actors" if "default_worker.py" in name or name.startswith("ray::") else "ray"
+    # a worker (idle, or a client actor) runs default_worker.py, its title "ray::IDLE" or "ray::ClientAppActor...";
+    # Ray's agents are titled "ray::DashboardAgent" and "ray::RuntimeEnvAgent"
+    agent = name.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent"))
+    return "client actors" if not agent and ("default_worker.py" in name or name.startswith("ray::")) else "ray"
 
 
 def sample(driver: psutil.Process) -> dict[str, float]:

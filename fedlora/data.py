@@ -15,7 +15,9 @@ import logging
 import hashlib
 import io
 import os
+import struct
 import tempfile
+import zipfile
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -268,6 +270,39 @@ def save_atomic(path: Path, **arrays: np.ndarray) -> None:
         raise
 
 
+def read_npz_mapped(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz written by `save_atomic` (np.savez: uncompressed members) as copy-on-write
+    memory maps of the file, which np.load cannot give for an .npz. The processes of a run that read
+    the same data set (the server, the client actors) then share its pages, the system's page cache,
+    instead of each holding a copy, and a process holds only the pages of the rows it reads (an
+    actor: its clients'). A compressed member is read into memory."""
+    arrays = {}
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for info in z.infolist():
+            name = info.filename.removesuffix(".npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                with z.open(info) as member:
+                    arrays[name] = np.lib.format.read_array(member)
+                continue
+            f.seek(info.header_offset)
+            local = f.read(30)  # a zip member's local header, then its name and extra field, then the .npy
+            if local[:4] != b"PK\x03\x04":
+                raise zipfile.BadZipFile(f"{path}: member {info.filename} has no local header")
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            f.seek(info.header_offset + 30 + name_length + extra_length)
+            fmt = np.lib.format
+            version = fmt.read_magic(f)
+            shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+            order = "F" if fortran else "C"
+            if dtype.hasobject:
+                raise ValueError(f"{path}: member {info.filename} holds Python objects")
+            if 0 in shape:  # nothing to map
+                arrays[name] = np.zeros(shape, dtype, order=order)
+                continue
+            arrays[name] = np.memmap(path, dtype, "c", f.tell(), shape, order).view(np.ndarray)
+    return arrays
+
+
 @lru_cache(maxsize=8)
 def load_split(name: str, root: str, split: str, download: bool = False, cache_dir: Optional[str] = None) -> Split:
     """Decoded split of a data set, from memory, the disk cache, or the source files (in that order)."""
@@ -276,8 +311,11 @@ def load_split(name: str, root: str, split: str, download: bool = False, cache_d
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cached = cache / _cache_name(name, split, files)
     if files and cached.exists():
-        with np.load(cached) as z:
-            return Split(z["images"], z["labels"])
+        try:
+            arrays = read_npz_mapped(cached)
+            return Split(arrays["images"], np.array(arrays["labels"]))  # the labels, small, in memory
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # unreadable: decoded (and written) again
+            cached.unlink(missing_ok=True)
     try:
         data = loader(split)
     except (OSError, RuntimeError, ValueError) as e:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # not imported: what reads the records (fedlora-report) needs no torch (0.3-0.5 GB, 2 s)
+    import torch
 
 
 def serialized_bytes(tensor: torch.Tensor | np.ndarray) -> int:
     """Bytes of the array as it travels: numpy's .npy buffer, header included."""
     buf = io.BytesIO()
-    np.save(buf, tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else tensor, allow_pickle=False)
+    np.save(buf, tensor if isinstance(tensor, np.ndarray) else tensor.detach().cpu().numpy(), allow_pickle=False)
     return buf.getbuffer().nbytes
 
 

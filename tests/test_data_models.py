@@ -1,6 +1,8 @@
 """Data loading and caching, and the paper's models."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,26 @@ def test_decoded_once_then_read_from_the_cache(tmp_path):
     assert np.allclose(means, [0.4914, 0.4822, 0.4465], atol=0.02)
 
 
+def test_the_cache_is_shared_as_a_memory_map_and_a_damaged_entry_is_decoded_again(tmp_path):
+    decoded = load_split("fmnist", ROOT, "test", cache_dir=str(tmp_path))
+    (cache_file,) = Path(tmp_path).iterdir()
+    load_split.cache_clear()
+    cached = load_split("fmnist", ROOT, "test", cache_dir=str(tmp_path))
+    # mapped from the file (the page cache, shared by the processes of a run), not read into memory
+    assert str(cache_file.resolve()) in Path("/proc/self/maps").read_text()
+    assert np.array_equal(cached.inputs, decoded.inputs) and np.array_equal(cached.labels, decoded.labels)
+    cached.inputs[0] = 0  # copy-on-write: the process's own page, the file unchanged
+    with np.load(cache_file) as z:
+        assert np.array_equal(z["images"][0], decoded.inputs[0])
+    cache_file.write_bytes(cache_file.read_bytes()[:100_000])  # cut short
+    load_split.cache_clear()
+    again = load_split("fmnist", ROOT, "test", cache_dir=str(tmp_path))
+    assert np.array_equal(again.inputs, decoded.inputs)
+    with np.load(cache_file) as z:  # written again, whole
+        assert np.array_equal(z["labels"], decoded.labels)
+    load_split.cache_clear()
+
+
 def test_missing_dataset_says_where(tmp_path):
     with pytest.raises(DataError, match="cifar-10-batches-py"):
         load_split("cifar10", str(tmp_path), "train")
@@ -70,6 +92,35 @@ def test_a_client_process_reads_its_data_once():
     first = client_tensors(cfg, 1)
     assert client_tensors(cfg, 1) is first  # the next rounds reuse the tensors
     assert load_split.cache_info().misses == 2  # train and test, decoded once each
+
+
+def test_a_process_hands_back_what_training_freed_once_idle():
+    """glibc's allocator keeps what a training freed; fedlora.training hands it back once the process
+    has been idle for a while (not at once: the next client of a round would fault it in again). In a
+    process of its own, so that nothing else allocates."""
+    code = """
+import time, torch
+from omegaconf import OmegaConf
+from fedlora.training import hands_back_freed_memory, train_local
+def anon():
+    return sum(int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("Anonymous:")) / 1024
+torch.set_num_threads(1)
+model = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1),
+                            torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(32 * 28 * 28, 10))
+x, y = torch.randn(1024, 1, 28, 28), torch.randint(0, 10, (1024,))
+local = OmegaConf.create(dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, epochs=1, batch_size=64))
+train_local(model, x, y, local, seed=0)
+trained = anon()
+time.sleep(hands_back_freed_memory.after / 2)
+soon = anon()
+time.sleep(hands_back_freed_memory.after + 0.5)
+print(trained, soon, anon())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    trained, soon, idle = map(float, out.stdout.split())
+    assert soon > trained - 5  # kept while the next client could still come
+    assert idle < trained - 20  # MB handed back
 
 
 def test_normalised_tensors():

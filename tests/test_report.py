@@ -222,3 +222,10 @@ def test_every_experiment_preset_composes_each_of_its_jobs(name):
         # download=true: a data set not on this machine would be fetched at run time, not here
         cfg = resolve(compose([f"experiment={name}", *job, "data.download=true"]))
         assert cfg.num_rounds >= 10
+
+
+def test_reading_the_records_needs_no_torch():
+    """fedlora-report and what it reads (records, ledger) import no torch: 0.3-0.5 GB and 2 s."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, fedlora.report; print('torch' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
