@@ -24,8 +24,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,48 +34,10 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "tests"))
+from local_flower import BIN, Processes, free_port, wait_for_port, wait_online  # noqa: E402 (the tests' helpers)
+
 GIB = 1024 ** 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    def __init__(self, env: dict, logs: Path):
-        self.env, self.logs, self.started = env, logs, []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        with open(self.logs / f"{name}.log", "w") as log:
-            proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                    env=self.env, cwd=self.logs, start_new_session=True)
-        self.started.append(proc)
-        return proc
-
-    def run(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=self.env,
-                              cwd=self.logs, timeout=timeout)
-
-    def stop(self, procs: list[subprocess.Popen] | None = None) -> None:
-        procs = self.started if procs is None else procs
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=20)
 
 
 class PeakPss(threading.Thread):
@@ -121,13 +81,6 @@ def rounds(run_dir: Path) -> dict:
     }
 
 
-def online(procs: Processes, connection: str) -> int:
-    out = procs.run("flwr", "supernode", "ls", connection, "--format", "json", timeout=60)
-    if out.returncode != 0:
-        return 0
-    return sum(n["status"] == "online" for n in json.loads(out.stdout)["nodes"])
-
-
 def deployed(procs: Processes, way: str, port: int, clients: int, overrides: list[str], tmp: Path) -> dict:
     nodes = []
     for i in range(clients):
@@ -139,11 +92,7 @@ def deployed(procs: Processes, way: str, port: int, clients: int, overrides: lis
         if way == "fedlora-superexec":
             nodes.append(procs.start(f"{way}-exec-{i}", "fedlora-superexec", "--insecure",
                                      "--runtime-api-address", f"127.0.0.1:{api}"))
-    deadline = time.time() + 120
-    while online(procs, "bench") < clients:
-        if time.time() > deadline:
-            raise SystemExit(f"{way}: the SuperNodes did not come online; see {tmp}")
-        time.sleep(1)
+    wait_online(procs, "bench", lambda online: len(online) >= clients, f"{way}-node-0", timeout=120)
     run_dir = tmp / f"run-{way}"
     memory = PeakPss(nodes)
     started = time.perf_counter()
@@ -152,11 +101,8 @@ def deployed(procs: Processes, way: str, port: int, clients: int, overrides: lis
     wall = time.perf_counter() - started
     peak = memory.stop()
     procs.stop(nodes)
-    deadline = time.time() + 120
-    while online(procs, "bench") > 0:  # the next way's nodes must be the only ones
-        if time.time() > deadline:
-            raise SystemExit(f"{way}: the stopped SuperNodes are still online")
-        time.sleep(1)
+    # the next way's nodes must be the only ones
+    wait_online(procs, "bench", lambda online: not online, f"{way}-node-0", timeout=120)
     if out.returncode != 0 or not (run_dir / "summary.json").exists() \
             or json.loads((run_dir / "summary.json").read_text())["status"] != "completed":
         raise SystemExit(f"{way}: the run failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
@@ -206,11 +152,7 @@ def main() -> None:
     try:
         link = procs.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
                            "--disable-runtime-dependency-installation")
-        deadline = time.time() + 60
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-            if link.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"the SuperLink did not start; see {tmp}/superlink.log")
-            time.sleep(0.5)
+        wait_for_port(port, link)
         for way in ("flower", "fedlora-superexec", "fedlora-supernode"):
             if way in ways:
                 result[way] = deployed(procs, way, port, clients, overrides, tmp)

@@ -244,11 +244,7 @@ def main() -> None:
     ours = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
     ours.add_argument("--pull-interval", type=float, default=1.0)
     ours.add_argument("--isolation")
-    ours.add_argument("--host", default="127.0.0.1")
-    ours.add_argument("--port", default="9094")
-    ours.add_argument("--ssl-certfile")
-    ours.add_argument("--ssl-ca-certfile")
-    args, rest = ours.parse_known_args()
+    args, flower_args = ours.parse_known_args()  # flower-supernode's: all the others
     if args.isolation is not None:
         sys.exit(f"{prog}: error: it runs the SuperNode with --isolation process beside its own executor; "
                  "for Flower's, run `flower-supernode`")
@@ -259,16 +255,18 @@ def main() -> None:
     from flwr.supercore.address import resolve_bind_address
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    flower_args, skip = [], False  # flower-supernode's: all but --pull-interval and its value
-    for arg in sys.argv[1:]:
-        if not skip and arg != "--pull-interval" and not arg.startswith("--pull-interval="):
-            flower_args.append(arg)
-        skip = arg == "--pull-interval"
+    # where the node serves its Runtime API (flower-supernode's defaults), which the executor connects to
+    api = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", default="9094")
+    api.add_argument("--ssl-certfile")
+    api.add_argument("--ssl-ca-certfile")
+    node, rest = api.parse_known_args(flower_args)
     if not {"-h", "--help", "-V", "--version"} & set(rest):
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        tls = ["--root-certificates", args.ssl_ca_certfile] if args.ssl_certfile else ["--insecure"]
+        host = f"[{node.host}]" if ":" in node.host else node.host
+        tls = ["--root-certificates", node.ssl_ca_certfile] if node.ssl_certfile else ["--insecure"]
         subprocess.Popen([sys.executable, "-m", "fedlora.supernode", "--runtime-api-address",
-                          resolve_bind_address(f"{host}:{args.port}"), *tls, "--parent-pid", str(os.getpid())])
+                          resolve_bind_address(f"{host}:{node.port}"), *tls, "--parent-pid", str(os.getpid())])
     else:
         print(f"{prog}: flower-supernode's arguments (but --isolation), and --pull-interval S: seconds between "
               "asks of the SuperLink while the node has no message (default: 1; Flower's: 3)\n")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.paths import absolute
+from local_flower import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,12 +48,6 @@ def cache_dir(tmp_path_factory):
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for_ray(address: str, proc: subprocess.Popen, deadline: float, showing: str = "") -> None:
     """Wait until `ray status` at address answers (and shows `showing`), while `proc` (the `ray start`
     that should get it there) runs."""
@@ -72,7 +66,7 @@ def ray_address(cache_dir):
     """Address of a Ray head of this test session's own (its own port and temp dir), stopped at the
     end by ending the `ray start --block` process that owns it: other Ray clusters here are left alone."""
     ray = str(Path(sys.executable).with_name("ray"))
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",

@@ -11,7 +11,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,75 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SMALL, _free_port, wait_for_ray
+from conftest import ROOT, SMALL, wait_for_ray
 from fedlora.certs import make_node_keys, make_tls
 from fedlora.config import compose, resolve
 from fedlora.simulation import run_simulation
+from local_flower import BIN, Processes, free_port, nodes, wait_for_port, wait_online
 
-BIN = Path(sys.executable).parent
 CONNECTION = "fedlora-test"
 OVERRIDES = ["num_clients=2", "clients_per_round=2", "num_rounds=2", "data.train_samples=1200",
              "data.test_samples=500", "local.batch_size=32", "method=fedmud_bkd_aad"]
-
-
-class Processes:
-    """The processes a test started; stop() ends each one's process group: SIGTERM, at most 20 s,
-    then SIGKILL."""
-
-    def __init__(self, env: dict, logs: Path):
-        self.env, self.logs, self.started = env, logs, []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "w")
-        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                env=self.env, cwd=self.logs, start_new_session=True)
-        self.started.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def run(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=self.env,
-                              cwd=self.logs, timeout=timeout)
-
-    def stop(self) -> None:
-        for proc in self.started:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.started:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=20)
-        for proc in self.started:  # the children of a leader that exited on its own
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"process exited with {proc.returncode} before listening on {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    pytest.fail(f"nothing listens on {port} after {timeout} s")
-
-
-def nodes(procs: Processes) -> list[dict]:
-    out = procs.run("flwr", "supernode", "ls", CONNECTION, "--format", "json", timeout=60)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return json.loads(out.stdout)["nodes"]
-
-
-def online_nodes(procs: Processes) -> list[dict]:
-    return [n for n in nodes(procs) if n["status"] == "online"]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +39,7 @@ def federation(tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("deploy")
     tls = make_tls(["127.0.0.1"], tmp / "certs")
     keys = make_node_keys(["node-0", "node-1", "node-2", "stranger"], tmp / "keys")
-    port = _free_port()
+    port = free_port()
     home = tmp / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
@@ -120,12 +59,8 @@ def federation(tmp_path_factory, cache_dir):
             procs.start(f"node-{i}", "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
                         str(tls["ca"]), "--auth-supernode-private-key", str(keys[f"node-{i}"][0]),
                         "--node-config", f"partition-id={i} num-threads=1",
-                        "--port", str(_free_port()))
-        deadline = time.time() + 60
-        while len(online_nodes(procs)) < 2:
-            if time.time() > deadline:
-                pytest.fail("the SuperNodes did not come online:\n" + procs.log("node-0")[-2000:])
-            time.sleep(1)
+                        "--port", str(free_port()))
+        wait_online(procs, CONNECTION, lambda online: len(online) >= 2, "node-0")
         yield {"procs": procs, "port": port, "tls": tls, "keys": keys, "tmp": tmp}
     finally:
         procs.stop()
@@ -198,23 +133,23 @@ def test_a_bad_run_config_is_reported_plainly(federation, tmp_path):
 
 def test_unregistered_or_untrusting_supernodes_cannot_join(federation, tmp_path):
     procs, port = federation["procs"], federation["port"]
-    known = {n["node-id"] for n in nodes(procs)}
+    known = {n["node-id"] for n in nodes(procs, CONNECTION)}
     other_ca = make_tls(["127.0.0.1"], tmp_path / "other")["ca"]
     common = ["--superlink", f"127.0.0.1:{port}", "--max-retries", "1", "--max-wait-time", "10",
               "--node-config", "partition-id=1"]
     # a valid certificate chain but a key the SuperLink never registered
     stranger = procs.start("stranger", "flower-supernode", *common, "--root-certificates", str(federation["tls"]["ca"]),
                            "--auth-supernode-private-key", str(federation["keys"]["stranger"][0]),
-                           "--port", str(_free_port()))
+                           "--port", str(free_port()))
     # a registered key, but it does not trust the SuperLink's certificate authority
     untrusting = procs.start("untrusting", "flower-supernode", *common, "--root-certificates", str(other_ca),
                              "--auth-supernode-private-key", str(federation["keys"]["node-1"][0]),
-                             "--port", str(_free_port()))
+                             "--port", str(free_port()))
     for proc in (stranger, untrusting):
         assert proc.wait(timeout=120) != 0
     assert "Failed to activate SuperNode" in procs.log("stranger")
     assert "CERTIFICATE_VERIFY_FAILED" in procs.log("untrusting")
-    assert {n["node-id"] for n in nodes(procs)} == known  # nobody new got in
+    assert {n["node-id"] for n in nodes(procs, CONNECTION)} == known  # nobody new got in
 
 
 def test_a_node_with_its_own_data_joins_then_drops_out(federation, tmp_path):
@@ -238,11 +173,8 @@ def test_a_node_with_its_own_data_joins_then_drops_out(federation, tmp_path):
                          str(federation["tls"]["ca"]), "--auth-supernode-private-key",
                          str(federation["keys"]["node-2"][0]), "--node-config",
                          f'partition-id=2 num-partitions=3 num-threads=1 local-data="{tmp_path / "own"}"',
-                         "--port", str(_free_port()))
-    deadline = time.time() + 60
-    while len(online_nodes(procs)) < 3:
-        assert time.time() < deadline, procs.log("node-2")[-2000:]
-        time.sleep(1)
+                         "--port", str(free_port()))
+    wait_online(procs, CONNECTION, lambda online: len(online) >= 3, "node-2")
     try:
         # it was told of 3 partitions: a run of 4 stops before the first round, and says why
         out = procs.run("flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config",
@@ -309,12 +241,9 @@ def test_nodes_with_their_own_files_and_a_server_without_training_data(federatio
         started.append(procs.start(name, "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
                                    str(federation["tls"]["ca"]), "--auth-supernode-private-key", str(keys[name][0]),
                                    "--node-config", f'partition-id={pid} num-threads=1 local-data="{tmp_path / own}"',
-                                   "--port", str(_free_port())))
+                                   "--port", str(free_port())))
     try:
-        deadline = time.time() + 60
-        while not ids <= {n["node-id"] for n in online_nodes(procs)}:
-            assert time.time() < deadline, procs.log("own-a")[-2000:]
-            time.sleep(1)
+        wait_online(procs, CONNECTION, lambda online: ids <= {n["node-id"] for n in online}, "own-a")
         base = ("dataset=hf data.on_nodes=true model.num_layers=1 model.max_length=32 adapter=lora method=fedit "
                 "num_clients=4 clients_per_round=2 num_rounds=2 local.batch_size=16")
         runs = {"test-file": f"{base} dataset.path={tmp_path / 'server' / 'test.jsonl'}",
@@ -343,7 +272,7 @@ def test_nodes_with_their_own_files_and_a_server_without_training_data(federatio
 def test_virtual_clients_spread_over_a_ray_cluster(tmp_path):
     """`ray start --head` offering no CPU, and a worker joining it with two: a run given the head's
     address can only place its virtual clients on the worker, as on a cluster of machines."""
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     temp_dir = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     procs = Processes(os.environ.copy(), tmp_path)
@@ -395,7 +324,7 @@ def test_fedlora_supernodes_serve_every_round_from_one_process(simulated, tmp_pa
     """Two `fedlora-supernode`s (Flower's SuperNode with --isolation process, beside fedlora's executor)
     on an insecure SuperLink: the same records as the simulation, and each node's tasks (the opening
     query and both rounds' training) all run in one executor process, which stays up after the run."""
-    port, home = _free_port(), tmp_path / "flwr-home"
+    port, home = free_port(), tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
@@ -406,12 +335,8 @@ def test_fedlora_supernodes_serve_every_round_from_one_process(simulated, tmp_pa
         wait_for_port(port, link)
         for i in (0, 1):
             procs.start(f"node-{i}", "fedlora-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                        "--node-config", f"partition-id={i} num-threads=1", "--port", str(_free_port()))
-        deadline = time.time() + 60
-        while len(online_nodes(procs)) < 2:
-            if time.time() > deadline:
-                pytest.fail("the SuperNodes did not come online:\n" + procs.log("node-0")[-2000:])
-            time.sleep(1)
+                        "--node-config", f"partition-id={i} num-threads=1", "--port", str(free_port()))
+        wait_online(procs, CONNECTION, lambda online: len(online) >= 2, "node-0")
         run_dir = tmp_path / "deployed"
         out = procs.run("flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config",
                         f'overrides="{" ".join(OVERRIDES)}" run-dir="{run_dir}"', timeout=600)
