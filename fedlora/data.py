@@ -22,7 +22,7 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional
+from typing import BinaryIO, Callable, Optional
 
 import numpy as np
 import torch
@@ -257,17 +257,23 @@ def default_cache_dir() -> Path:
     return Path(absolute(os.environ.get("FEDLORA_CACHE", "~/.cache/fedlora"), "FEDLORA_CACHE"))
 
 
-def save_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez into `path`, written aside, then renamed: several Ray actors may write it at once."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write(file)` into a file of its own beside `path`, then renamed onto it: several Ray actors may
+    write the same entry at once, and a process that maps it never sees it half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix + ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez into `path`, written aside, then renamed (`write_atomic`)."""
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def read_npz_mapped(path: Path) -> dict[str, np.ndarray]:
@@ -292,6 +298,10 @@ def read_npz_mapped(path: Path) -> dict[str, np.ndarray]:
             f.seek(info.header_offset + 30 + name_length + extra_length)
             fmt = np.lib.format
             version = fmt.read_magic(f)
+            if version not in ((1, 0), (2, 0)):  # 3.0's header is UTF-8: read, not mapped
+                with z.open(info) as member:
+                    arrays[name] = fmt.read_array(member)
+                continue
             shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
             order = "F" if fortran else "C"
             if dtype.hasobject:
@@ -312,9 +322,13 @@ def load_split(name: str, root: str, split: str, download: bool = False, cache_d
     cached = cache / _cache_name(name, split, files)
     if files and cached.exists():
         try:
-            arrays = read_npz_mapped(cached)
+            try:
+                arrays = read_npz_mapped(cached)
+            except OSError:  # no map to be had (a limit on memory or maps): read into memory
+                with np.load(cached) as z:
+                    arrays = {k: z[k] for k in z.files}
             return Split(arrays["images"], np.array(arrays["labels"]))  # the labels, small, in memory
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # unreadable: decoded (and written) again
+        except (zipfile.BadZipFile, ValueError, KeyError, struct.error, EOFError):  # damaged: decoded, written again
             cached.unlink(missing_ok=True)
     try:
         data = loader(split)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedlora.data import write_atomic
 from fedlora.errors import ConfigError, DataError
 
 AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
@@ -52,7 +53,8 @@ def load_tokenizer(path: str):
 def cached_tokens(what, tokenizer_path: str, max_length: int, cache_dir: str | Path | None,
                   make: Callable[[], np.ndarray]) -> np.ndarray:
     """`make()`'s tokens, cached in `cache_dir` (when given) under a key of `what` (what the texts
-    are), the tokenizer's files and max_length; written aside, then renamed."""
+    are), the tokenizer's files and max_length; written aside, then renamed (several actors may
+    tokenize at once)."""
     if cache_dir is None:
         return make()
     tok_files = sorted(str(p) for p in Path(tokenizer_path).glob("*token*")) if Path(tokenizer_path).is_dir() else []
@@ -61,10 +63,7 @@ def cached_tokens(what, tokenizer_path: str, max_length: int, cache_dir: str | P
     if cached.is_file():  # a copy-on-write map: the processes of a run share its pages (fedlora.data.read_npz_mapped)
         return np.load(cached, mmap_mode="c")
     tokens = make()
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(cache_dir) / f"tokens-{key}.tmp.npy"
-    np.save(tmp, tokens)
-    tmp.replace(cached)
+    write_atomic(cached, lambda f: np.save(f, tokens))
     return tokens
 
 

@@ -21,9 +21,10 @@ class _HandBackWhenIdle:
     next client of the round would fault the pages in again."""
 
     def __init__(self, after: float = 1.0):
-        try:  # glibc's; elsewhere (musl, macOS) nothing to call
+        try:  # glibc's; elsewhere (musl, macOS, Windows) nothing to call
             self.trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
+            self.trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError, TypeError):
             self.trim = None
         self.after, self.timer, self.lock = after, None, threading.Lock()
 
@@ -45,9 +46,13 @@ class _HandBackWhenIdle:
             finally:
                 with self.lock:
                     self._cancel()
-                    self.timer = threading.Timer(self.after, self.trim, (0,))
-                    self.timer.daemon = True
-                    self.timer.start()
+                    timer = threading.Timer(self.after, self.trim, (0,))
+                    timer.daemon = True
+                    try:
+                        timer.start()
+                        self.timer = timer
+                    except RuntimeError:  # no thread to be had (a process limit, shutdown): nothing handed back
+                        pass
 
         return working
 

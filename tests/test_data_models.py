@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedlora import data
 from fedlora.data import DataError, load_split, to_tensors
 from fedlora.models import MODELS, build_model
 
@@ -39,7 +40,7 @@ def test_decoded_once_then_read_from_the_cache(tmp_path):
     assert np.allclose(means, [0.4914, 0.4822, 0.4465], atol=0.02)
 
 
-def test_the_cache_is_shared_as_a_memory_map_and_a_damaged_entry_is_decoded_again(tmp_path):
+def test_the_cache_is_shared_as_a_memory_map_and_a_damaged_entry_is_decoded_again(tmp_path, monkeypatch):
     decoded = load_split("fmnist", ROOT, "test", cache_dir=str(tmp_path))
     (cache_file,) = Path(tmp_path).iterdir()
     load_split.cache_clear()
@@ -50,6 +51,15 @@ def test_the_cache_is_shared_as_a_memory_map_and_a_damaged_entry_is_decoded_agai
     cached.inputs[0] = 0  # copy-on-write: the process's own page, the file unchanged
     with np.load(cache_file) as z:
         assert np.array_equal(z["images"][0], decoded.inputs[0])
+    def no_map(path):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(data, "read_npz_mapped", no_map)  # no map to be had: read, the entry kept
+    load_split.cache_clear()
+    stamp = cache_file.stat().st_mtime_ns
+    assert np.array_equal(load_split("fmnist", ROOT, "test", cache_dir=str(tmp_path)).inputs, decoded.inputs)
+    assert cache_file.stat().st_mtime_ns == stamp
+    monkeypatch.undo()
     cache_file.write_bytes(cache_file.read_bytes()[:100_000])  # cut short
     load_split.cache_clear()
     again = load_split("fmnist", ROOT, "test", cache_dir=str(tmp_path))
