@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from functools import partial
 
@@ -37,17 +39,35 @@ FLOWER = "1.41.0"  # the version whose flwr-clientapp internals this module driv
 
 
 def _runtime_client(address: str, insecure: bool, certificates: bytes | None, component: str,
-                    token: str | None = None):
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+                    token: str | None = None, secret: bytes | None = None):
+    """A client of the node's Runtime API: a task's (with its token), or the executor's own (which
+    signs its asks for tasks with the node's SuperExec secret, where the node was given one)."""
+    from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,
+                                             SuperExecAuthHttpInterceptor)
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.superexec.run_superexec import _SUPEREXEC_AUTH_METHODS
 
     interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
-    if token is not None:
+    retry = make_simple_http_retry_invoker()
+    if token is not None:  # a task's client
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+    else:  # the executor's own
+        if secret is not None:
+            interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
+                                                             protected_methods=_SUPEREXEC_AUTH_METHODS))
+        # Flower's retries answer a refusal (401: a SuperExec secret missing or wrong) by interrupting
+        # the process, which would end the executor without a word: raise it here instead
+        flower_giveup = retry.should_giveup
+        retry.should_giveup = lambda e: _refused(e) or flower_giveup(e)
     return RuntimeHttpClient.from_server_address(server_address=address, insecure=insecure,
                                                  root_certificates=certificates, interceptors=interceptors,
-                                                 retry_invoker=make_simple_http_retry_invoker())
+                                                 retry_invoker=retry)
+
+
+def _refused(error: Exception) -> bool:
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None) == 401
 
 
 def _load_app(run, fab):
@@ -64,11 +84,11 @@ class Executor:
     """Runs the tasks that a SuperNode's Runtime API hands out, in this process, with the ClientApp
     of one FAB loaded once."""
 
-    def __init__(self, address: str, insecure: bool, certificates: bytes | None):
+    def __init__(self, address: str, insecure: bool, certificates: bytes | None, secret: bytes | None = None):
         from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
         from flwr.supernode.runtime import run_clientapp
 
-        self.address, self.insecure, self.certificates = address, insecure, certificates
+        self.address, self.insecure, self.certificates, self.secret = address, insecure, certificates, secret
         # The node hands out a task before it has pulled the message's arrays from the SuperLink; an
         # object not there yet is asked for again after 1 s, doubling, in Flower: a flwr-clientapp
         # process takes longer than that to start, this one asks at once. Here after 0.05 s, doubling.
@@ -136,7 +156,7 @@ class Executor:
 
     def serve(self, poll: float, first_token: str | None = None) -> None:
         """Ask for tasks every `poll` seconds while there are none; run each as it comes."""
-        client = _runtime_client(self.address, self.insecure, self.certificates, "SuperExec")
+        client = _runtime_client(self.address, self.insecure, self.certificates, "SuperExec", secret=self.secret)
         if first_token is not None:
             self.run_task(first_token)
         down = False
@@ -144,6 +164,10 @@ class Executor:
             try:
                 task = self.acquire(client)
             except Exception as e:  # noqa: BLE001 - the SuperNode restarting, or not up yet: ask again
+                if _refused(e):
+                    sys.exit(f"fedlora-superexec: error: the SuperNode at {self.address} refused to hand out its "
+                             f"tasks (SuperExec authentication failed): give the executor the secret file the node "
+                             f"was given (--superexec-auth-secret-file), or none if it was given none")
                 if not down:
                     log.warning("the SuperNode's Runtime API at %s does not answer (%s); asking again every %s s",
                                 self.address, e, max(poll, 1.0))
@@ -190,6 +214,9 @@ def executor_main(argv: list[str] | None = None) -> None:
     tls.add_argument("--insecure", action="store_true",
                      help="talk to the Runtime API without TLS (a SuperNode serves it so by default)")
     tls.add_argument("--root-certificates", help="the CA certificate of the Runtime API's TLS (a PEM file)")
+    parser.add_argument("--superexec-auth-secret-file",
+                        help="the secret the SuperNode was given (its --superexec-auth-secret-file), to sign the "
+                             "asks for tasks with")
     parser.add_argument("--poll", type=float, default=0.1,
                         help="seconds between asks while the node has no task (default: 0.1)")
     parser.add_argument("--parent-pid", type=int, help="stop when this process ends")
@@ -211,6 +238,14 @@ def executor_main(argv: list[str] | None = None) -> None:
                 certificates = f.read()
         except OSError as e:
             parser.error(f"--root-certificates: {e}")
+    secret = None
+    if args.superexec_auth_secret_file:
+        from flwr.supercore.auth import load_superexec_auth_secret
+
+        try:
+            secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
+        except ValueError as e:
+            parser.error(f"--superexec-auth-secret-file: {e}")
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
@@ -218,9 +253,18 @@ def executor_main(argv: list[str] | None = None) -> None:
     log.info("serving the ClientApp tasks of the SuperNode at %s in process %d", args.runtime_api_address,
              os.getpid())
     try:
-        Executor(args.runtime_api_address, args.insecure, certificates).serve(args.poll, args.first_token)
+        Executor(args.runtime_api_address, args.insecure, certificates, secret).serve(args.poll, args.first_token)
     except KeyboardInterrupt:
         pass
+
+
+def _ends_with(executor: subprocess.Popen) -> None:
+    """Stop this node when its executor exits on an error: a node without one would take tasks and
+    never answer them."""
+    if executor.wait() > 0:  # not a signal's end (the node's own stop, Ctrl-C)
+        print(f"fedlora-supernode: error: its executor exited with {executor.returncode}; stopping the node",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _Sleeps:
@@ -255,18 +299,25 @@ def main() -> None:
     from flwr.supercore.address import resolve_bind_address
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    # where the node serves its Runtime API (flower-supernode's defaults), which the executor connects to
+    # where the node serves its Runtime API (flower-supernode's defaults) and how, which the executor needs
     api = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", default="9094")
     api.add_argument("--ssl-certfile")
     api.add_argument("--ssl-ca-certfile")
+    api.add_argument("--superexec-auth-secret-file")
     node, rest = api.parse_known_args(flower_args)
+    if node.ssl_certfile and not node.ssl_ca_certfile:
+        sys.exit(f"{prog}: error: --ssl-certfile (the Runtime API's TLS) needs --ssl-ca-certfile, the CA that "
+                 "its executor verifies it with")
     if not {"-h", "--help", "-V", "--version"} & set(rest):
         host = f"[{node.host}]" if ":" in node.host else node.host
         tls = ["--root-certificates", node.ssl_ca_certfile] if node.ssl_certfile else ["--insecure"]
-        subprocess.Popen([sys.executable, "-m", "fedlora.supernode", "--runtime-api-address",
-                          resolve_bind_address(f"{host}:{node.port}"), *tls, "--parent-pid", str(os.getpid())])
+        if node.superexec_auth_secret_file:
+            tls += ["--superexec-auth-secret-file", node.superexec_auth_secret_file]
+        executor = subprocess.Popen([sys.executable, "-m", "fedlora.supernode", "--runtime-api-address",
+                                     resolve_bind_address(f"{host}:{node.port}"), *tls, "--parent-pid", str(os.getpid())])
+        threading.Thread(target=_ends_with, args=(executor,), daemon=True).start()
     else:
         print(f"{prog}: flower-supernode's arguments (but --isolation), and --pull-interval S: seconds between "
               "asks of the SuperLink while the node has no message (default: 1; Flower's: 3)\n")

@@ -322,8 +322,9 @@ def test_flwr_packages_the_project_with_a_virtual_environment_inside(env_name, t
 
 def test_fedlora_supernodes_serve_every_round_from_one_process(simulated, tmp_path):
     """Two `fedlora-supernode`s (Flower's SuperNode with --isolation process, beside fedlora's executor)
-    on an insecure SuperLink: the same records as the simulation, and each node's tasks (the opening
-    query and both rounds' training) all run in one executor process, which stays up after the run."""
+    on an insecure SuperLink, node 0 with a SuperExec secret that its executor signs its asks for tasks
+    with: the same records as the simulation, and each node's tasks (the opening query and both rounds'
+    training) all run in one executor process, which stays up after the run."""
     port, home = free_port(), tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -333,9 +334,10 @@ def test_fedlora_supernodes_serve_every_round_from_one_process(simulated, tmp_pa
         link = procs.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
                            "--disable-runtime-dependency-installation")
         wait_for_port(port, link)
-        for i in (0, 1):
+        (tmp_path / "secret").write_bytes(os.urandom(32))
+        for i, secret in ((0, ["--superexec-auth-secret-file", str(tmp_path / "secret")]), (1, [])):
             procs.start(f"node-{i}", "fedlora-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                        "--node-config", f"partition-id={i} num-threads=1", "--port", str(free_port()))
+                        "--node-config", f"partition-id={i} num-threads=1", "--port", str(free_port()), *secret)
         wait_online(procs, CONNECTION, lambda online: len(online) >= 2, "node-0")
         run_dir = tmp_path / "deployed"
         out = procs.run("flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config",
@@ -348,5 +350,23 @@ def test_fedlora_supernodes_serve_every_round_from_one_process(simulated, tmp_pa
             assert [t.split("(")[1].split(")")[0] for t in tasks] == ["query", "train", "train"], log[-3000:]
             assert len({t.rsplit("in process ", 1)[1] for t in tasks}) == 1
         assert all(p.poll() is None for p in procs.started)  # the nodes and their executors are still up
+    finally:
+        procs.stop()
+
+
+def test_an_executor_without_the_nodes_secret_is_refused_and_says_so(tmp_path):
+    """A SuperNode given a SuperExec secret hands its tasks only to an executor that signs its asks
+    with it: `fedlora-superexec` without it stops with an error that says so (Flower's retries answer
+    the refusal by interrupting the process, which would end it without a word)."""
+    (tmp_path / "secret").write_bytes(os.urandom(32))
+    procs = Processes(os.environ.copy(), tmp_path)
+    api = free_port()
+    try:
+        node = procs.start("node", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{free_port()}",
+                           "--isolation", "process", "--superexec-auth-secret-file", str(tmp_path / "secret"),
+                           "--port", str(api), "--node-config", "partition-id=0")
+        wait_for_port(api, node)  # its Runtime API serves while it looks for a SuperLink
+        out = procs.run("fedlora-superexec", "--insecure", "--runtime-api-address", f"127.0.0.1:{api}", timeout=120)
+        assert out.returncode == 1 and "SuperExec authentication failed" in out.stderr, out.stderr[-2000:]
     finally:
         procs.stop()
