@@ -258,13 +258,17 @@ def executor_main(argv: list[str] | None = None) -> None:
         pass
 
 
-def _ends_with(executor: subprocess.Popen) -> None:
-    """Stop this node when its executor exits on an error: a node without one would take tasks and
+def _ends_with(executor: subprocess.Popen, stopping: threading.Event, failed: threading.Event) -> None:
+    """Stop this node when its executor ends and the node is not stopping itself (its executor then
+    goes with it: Ctrl-C, a SIGTERM to its process group): a node without one would take tasks and
     never answer them."""
-    if executor.wait() > 0:  # not a signal's end (the node's own stop, Ctrl-C)
-        print(f"fedlora-supernode: error: its executor exited with {executor.returncode}; stopping the node",
-              file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)
+    executor.wait()
+    if stopping.wait(2.0):
+        return
+    failed.set()
+    print(f"fedlora-supernode: error: its executor ended ({executor.returncode}); stopping the node",
+          file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _Sleeps:
@@ -297,7 +301,11 @@ def main() -> None:
     _check_flower(prog)
     import flwr.supernode.start_client_internal as supernode
     from flwr.supercore.address import resolve_bind_address
+    from flwr.supercore.exit import add_exit_handler
     from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    stopping, failed = threading.Event(), threading.Event()  # the node's own stop; its executor's end
+    add_exit_handler(stopping.set, run_before_force_exit=True)
 
     # where the node serves its Runtime API (flower-supernode's defaults) and how, which the executor needs
     api = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -317,13 +325,17 @@ def main() -> None:
             tls += ["--superexec-auth-secret-file", node.superexec_auth_secret_file]
         executor = subprocess.Popen([sys.executable, "-m", "fedlora.supernode", "--runtime-api-address",
                                      resolve_bind_address(f"{host}:{node.port}"), *tls, "--parent-pid", str(os.getpid())])
-        threading.Thread(target=_ends_with, args=(executor,), daemon=True).start()
+        threading.Thread(target=_ends_with, args=(executor, stopping, failed), daemon=True).start()
     else:
         print(f"{prog}: flower-supernode's arguments (but --isolation), and --pull-interval S: seconds between "
               "asks of the SuperLink while the node has no message (default: 1; Flower's: 3)\n")
     supernode.time = _Sleeps(args.pull_interval)
     sys.argv = ["flower-supernode", *flower_args, "--isolation", "process"]
-    flower_supernode()
+    try:
+        flower_supernode()
+    finally:
+        if failed.is_set():  # stopped for it: Flower's exit on SIGTERM says success
+            sys.exit(1)
 
 
 if __name__ == "__main__":

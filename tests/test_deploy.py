@@ -349,6 +349,7 @@ def test_fedlora_supernodes_serve_every_round_from_one_process(simulated, tmp_pa
             tasks = [line for line in log.splitlines() if " fedlora | task " in line]
             assert [t.split("(")[1].split(")")[0] for t in tasks] == ["query", "train", "train"], log[-3000:]
             assert len({t.rsplit("in process ", 1)[1] for t in tasks}) == 1
+        assert "EXPERIMENTAL: SuperExec authentication" in procs.log("node-0")  # node 0 enforced its secret, was served
         assert all(p.poll() is None for p in procs.started)  # the nodes and their executors are still up
     finally:
         procs.stop()
@@ -368,5 +369,29 @@ def test_an_executor_without_the_nodes_secret_is_refused_and_says_so(tmp_path):
         wait_for_port(api, node)  # its Runtime API serves while it looks for a SuperLink
         out = procs.run("fedlora-superexec", "--insecure", "--runtime-api-address", f"127.0.0.1:{api}", timeout=120)
         assert out.returncode == 1 and "SuperExec authentication failed" in out.stderr, out.stderr[-2000:]
+    finally:
+        procs.stop()
+
+
+def test_a_fedlora_supernode_whose_executor_dies_stops_and_says_so(tmp_path):
+    """A node without its executor would take tasks and never answer them: when the executor is
+    killed, `fedlora-supernode` stops, with an error and exit status 1. Its own stop (SIGTERM to its
+    process group, which the executor gets too) is a clean one."""
+    procs = Processes(os.environ.copy(), tmp_path)
+    try:
+        for name in ("killed", "stopped"):
+            node = procs.start(name, "fedlora-supernode", "--insecure", "--superlink", f"127.0.0.1:{free_port()}",
+                               "--port", str(free_port()), "--node-config", "partition-id=0")
+            deadline = time.time() + 60
+            while "in process " not in procs.log(name):  # the executor's first line names its pid
+                assert time.time() < deadline and node.poll() is None, procs.log(name)[-2000:]
+                time.sleep(0.5)
+            executor = int(procs.log(name).split("in process ", 1)[1].split()[0])
+            if name == "killed":
+                os.kill(executor, signal.SIGKILL)
+            else:
+                os.killpg(node.pid, signal.SIGTERM)
+            assert node.wait(timeout=60) == (1 if name == "killed" else 0), procs.log(name)[-2000:]
+            assert ("its executor ended" in procs.log(name)) == (name == "killed")
     finally:
         procs.stop()
