@@ -16,7 +16,7 @@ class _HandBackWhenIdle:
     """Decorates a training and an evaluation: once a process has done neither for `after` seconds,
     glibc's `malloc_trim` hands back what they freed and the allocator kept (activations, gradients,
     kernels' scratch; 0.1 GB after a client of the paper's Fashion-MNIST CNN, more with each client an
-    actor trains). Every client actor held it while the server evaluated, and the server held its
+    actor trains). Every client actor held it while the server evaluated, and the server part of its
     evaluation's while the clients trained: benchmarks/README.md. Not at once after each: an actor's
     next client of the round would fault the pages in again."""
 
