@@ -320,11 +320,11 @@ def main() -> None:
                  "its executor verifies it with")
     if not {"-h", "--help", "-V", "--version"} & set(rest):
         host = f"[{node.host}]" if ":" in node.host else node.host
-        tls = ["--root-certificates", node.ssl_ca_certfile] if node.ssl_certfile else ["--insecure"]
+        how = ["--root-certificates", node.ssl_ca_certfile] if node.ssl_certfile else ["--insecure"]
         if node.superexec_auth_secret_file:
-            tls += ["--superexec-auth-secret-file", node.superexec_auth_secret_file]
+            how += ["--superexec-auth-secret-file", node.superexec_auth_secret_file]
         executor = subprocess.Popen([sys.executable, "-m", "fedlora.supernode", "--runtime-api-address",
-                                     resolve_bind_address(f"{host}:{node.port}"), *tls, "--parent-pid", str(os.getpid())])
+                                     resolve_bind_address(f"{host}:{node.port}"), *how, "--parent-pid", str(os.getpid())])
         threading.Thread(target=_ends_with, args=(executor, stopping, failed), daemon=True).start()
     else:
         print(f"{prog}: flower-supernode's arguments (but --isolation), and --pull-interval S: seconds between "
