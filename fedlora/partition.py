@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora.data import save_atomic
+from fedlora.cache import save_atomic
 from fedlora.errors import ConfigError
 
 log = logging.getLogger("fedlora")

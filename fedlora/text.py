@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlora.data import write_atomic
+from fedlora.cache import write_atomic
 from fedlora.errors import ConfigError, DataError
 
 AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
@@ -60,7 +60,7 @@ def cached_tokens(what, tokenizer_path: str, max_length: int, cache_dir: str | P
     tok_files = sorted(str(p) for p in Path(tokenizer_path).glob("*token*")) if Path(tokenizer_path).is_dir() else []
     key = hashlib.sha256(json.dumps([what, tokenizer_path, tok_files, max_length]).encode()).hexdigest()[:20]
     cached = Path(cache_dir) / f"tokens-{key}.npy"
-    if cached.is_file():  # a copy-on-write map: the processes of a run share its pages (fedlora.data.read_npz_mapped)
+    if cached.is_file():  # a copy-on-write map: the processes of a run share its pages (fedlora.cache.read_npz_mapped)
         return np.load(cached, mmap_mode="c")
     tokens = make()
     write_atomic(cached, lambda f: np.save(f, tokens))
