@@ -1,5 +1,6 @@
 """Deployment: a real `flower-superlink` with TLS and SuperNode authentication on 127.0.0.1, two real
-`flower-supernode` processes, and `flwr run` of this project, as docs/deploy.md tells a user to do.
+`fedlora-supernode` processes (and Flower's own `flower-supernode` as a third device), and `flwr run` of
+this project, as docs/deploy.md tells a user to do.
 Every process is started in its own session and stopped by its id (its whole process group, so the
 ServerApp and ClientApp processes that Flower spawns go with it), with bounded waits."""
 
@@ -34,8 +35,10 @@ OVERRIDES = ["num_clients=2", "clients_per_round=2", "num_rounds=2", "data.train
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, cache_dir):
-    """A SuperLink with TLS and SuperNode authentication, two registered SuperNodes holding
-    partitions 0 and 1, and a Flower config (in a temporary FLWR_HOME) naming the SuperLink."""
+    """A SuperLink with TLS and SuperNode authentication, two registered `fedlora-supernode`s holding
+    partitions 0 and 1 (as docs/deploy.md starts them; node 0 with a SuperExec secret that its
+    executor signs its asks for tasks with), and a Flower config (in a temporary FLWR_HOME) naming
+    the SuperLink. The nodes serve every test's runs, each from one executor process."""
     tmp = tmp_path_factory.mktemp("deploy")
     tls = make_tls(["127.0.0.1"], tmp / "certs")
     keys = make_node_keys(["node-0", "node-1", "node-2", "stranger"], tmp / "keys")
@@ -55,13 +58,14 @@ def federation(tmp_path_factory, cache_dir):
         for name in ("node-0", "node-1"):
             out = procs.run("flwr", "supernode", "register", str(keys[name][1]), CONNECTION, timeout=60)
             assert out.returncode == 0, out.stdout + out.stderr
-        for i in (0, 1):
-            procs.start(f"node-{i}", "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+        (tmp / "secret").write_bytes(os.urandom(32))
+        started = [
+            procs.start(f"node-{i}", "fedlora-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
                         str(tls["ca"]), "--auth-supernode-private-key", str(keys[f"node-{i}"][0]),
-                        "--node-config", f"partition-id={i} num-threads=1",
-                        "--port", str(free_port()))
+                        "--node-config", f"partition-id={i} num-threads=1", "--port", str(free_port()), *secret)
+            for i, secret in ((0, ["--superexec-auth-secret-file", str(tmp / "secret")]), (1, []))]
         wait_online(procs, CONNECTION, lambda online: len(online) >= 2, "node-0")
-        yield {"procs": procs, "port": port, "tls": tls, "keys": keys, "tmp": tmp}
+        yield {"procs": procs, "nodes": started, "port": port, "tls": tls, "keys": keys, "tmp": tmp}
     finally:
         procs.stop()
 
@@ -85,10 +89,19 @@ def assert_same_rounds(deployed: list[dict], simulated: list[dict]) -> None:
         assert d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)
 
 
+def executor_tasks(log: str) -> list[tuple[str, str]]:
+    """(task type, executor process) of each task a `fedlora-supernode`'s log names."""
+    return [(line.split("(")[1].split(")")[0], line.rsplit("in process ", 1)[1])
+            for line in log.splitlines() if " fedlora | task " in line]
+
+
 def test_flwr_run_writes_the_same_records_as_the_simulation(federation, simulated, tmp_path):
+    """The records of the simulation, and each node's tasks (the opening query and both rounds'
+    training) all run in its one executor process, which stays up after the run."""
     procs = federation["procs"]
     run_dir = tmp_path / "deployed"
     overrides = " ".join(OVERRIDES)
+    before = {i: executor_tasks(procs.log(f"node-{i}")) for i in (0, 1)}
     out = procs.run("flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config",
                     f'overrides="{overrides}" run-dir="{run_dir}"', timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -104,6 +117,12 @@ def test_flwr_run_writes_the_same_records_as_the_simulation(federation, simulate
 
     # the same overrides in simulation: the same config, the same rounds, the same bytes
     assert_same_rounds(deployed, simulated)
+    for i in (0, 1):
+        tasks = executor_tasks(procs.log(f"node-{i}"))
+        assert [t for t, _ in tasks[len(before[i]):]] == ["query", "train", "train"], procs.log(f"node-{i}")[-3000:]
+        assert len({p for _, p in tasks}) == 1
+    assert "EXPERIMENTAL: SuperExec authentication" in procs.log("node-0")  # node 0 enforced its secret, was served
+    assert all(node.poll() is None for node in federation["nodes"])  # the nodes and their executors are still up
 
 
 def test_a_deployed_run_resumed_through_flwr_run_goes_on_as_if_never_stopped(federation, simulated, tmp_path):
@@ -153,7 +172,8 @@ def test_unregistered_or_untrusting_supernodes_cannot_join(federation, tmp_path)
 
 
 def test_a_node_with_its_own_data_joins_then_drops_out(federation, tmp_path):
-    """A third device, registered while the others run, trains on its own 300 images: the server
+    """A third device, registered while the others run, on Flower's own `flower-supernode` (a new
+    ClientApp process for every message), trains on its own 300 images: the server
     learns their number, not their labels, and weighs its reply by it. Killed once round 1 is in, it
     is answered for by the SuperLink with an error: the server counts it rejected, names it, and
     aggregates the others."""
@@ -238,7 +258,7 @@ def test_nodes_with_their_own_files_and_a_server_without_training_data(federatio
                         timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
         ids.add(str(json.loads(out.stdout)["node-id"]))
-        started.append(procs.start(name, "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+        started.append(procs.start(name, "fedlora-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
                                    str(federation["tls"]["ca"]), "--auth-supernode-private-key", str(keys[name][0]),
                                    "--node-config", f'partition-id={pid} num-threads=1 local-data="{tmp_path / own}"',
                                    "--port", str(free_port())))
@@ -318,41 +338,6 @@ def test_flwr_packages_the_project_with_a_virtual_environment_inside(env_name, t
     names = zipfile.ZipFile(fab).namelist()
     assert "fedlora/config.py" in names and "clients/client_app.py" in names
     assert not any(n.startswith(env_name + "/") for n in names)
-
-
-def test_fedlora_supernodes_serve_every_round_from_one_process(simulated, tmp_path):
-    """Two `fedlora-supernode`s (Flower's SuperNode with --isolation process, beside fedlora's executor)
-    on an insecure SuperLink, node 0 with a SuperExec secret that its executor signs its asks for tasks
-    with: the same records as the simulation, and each node's tasks (the opening query and both rounds'
-    training) all run in one executor process, which stays up after the run."""
-    port, home = free_port(), tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    procs = Processes({**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}"}, tmp_path)
-    try:
-        link = procs.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                           "--disable-runtime-dependency-installation")
-        wait_for_port(port, link)
-        (tmp_path / "secret").write_bytes(os.urandom(32))
-        for i, secret in ((0, ["--superexec-auth-secret-file", str(tmp_path / "secret")]), (1, [])):
-            procs.start(f"node-{i}", "fedlora-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                        "--node-config", f"partition-id={i} num-threads=1", "--port", str(free_port()), *secret)
-        wait_online(procs, CONNECTION, lambda online: len(online) >= 2, "node-0")
-        run_dir = tmp_path / "deployed"
-        out = procs.run("flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config",
-                        f'overrides="{" ".join(OVERRIDES)}" run-dir="{run_dir}"', timeout=600)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert_same_rounds(rows(run_dir), simulated)
-        for i in (0, 1):
-            log = procs.log(f"node-{i}")
-            tasks = [line for line in log.splitlines() if " fedlora | task " in line]
-            assert [t.split("(")[1].split(")")[0] for t in tasks] == ["query", "train", "train"], log[-3000:]
-            assert len({t.rsplit("in process ", 1)[1] for t in tasks}) == 1
-        assert "EXPERIMENTAL: SuperExec authentication" in procs.log("node-0")  # node 0 enforced its secret, was served
-        assert all(p.poll() is None for p in procs.started)  # the nodes and their executors are still up
-    finally:
-        procs.stop()
 
 
 def test_an_executor_without_the_nodes_secret_is_refused_and_says_so(tmp_path):
