@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -73,6 +74,121 @@ def _use_scalable_delivery() -> None:
     vce_api.add_messages_to_queue = add_messages_to_queue
 
 
+# What a finished simulation leaves to the next one in this process (a Hydra sweep's next job, or the
+# next run of a test session): the Ray connection and, for KEEP_ACTORS_S seconds, the idle client
+# actors, each of which imported PyTorch, Flower and fedlora, read its data and built its models
+# when it started (a short run took 11 s with new actors, 3.5 s with kept ones, on 2 cores:
+# benchmarks/README.md, sweep_runs.py). Idle actors hold their CPUs, so they are not kept longer from
+# other jobs on the cluster. An actor holds no run's state: a message's Context carries its node
+# state, and what the process caches is keyed by the run's config, as under fedlora-supernode, whose
+# one executor serves every run too.
+KEEP_ACTORS_S = 10.0
+_KEPT: dict = {"init_args": None, "resources": None, "actors": [], "timer": None}
+_kept_lock = threading.Lock()
+
+
+def _take_kept() -> list:
+    """The kept actors, now no longer kept (their expiry cancelled)."""
+    with _kept_lock:
+        if _KEPT["timer"] is not None:
+            _KEPT["timer"].cancel()
+        actors, _KEPT["actors"], _KEPT["timer"] = _KEPT["actors"], [], None
+    return actors
+
+
+def _kill(actors) -> None:
+    import ray
+
+    for actor in actors:
+        try:
+            ray.kill(actor)
+        except Exception:  # gone already, or with the Ray connection it belonged to
+            pass
+
+
+def end_kept_actors() -> None:
+    """End the idle actors kept for the next simulation of this process now (they hold their CPUs),
+    for a job of another process on the same Ray cluster."""
+    _kill(_take_kept())
+
+
+def release_ray() -> None:
+    """End the actors kept between simulations and this process's Ray connection."""
+    import ray
+
+    end_kept_actors()
+    _KEPT.update(init_args=None, resources=None)
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _alive(actors: list) -> list:
+    """The actors among `actors` that still answer (one that died since is dropped)."""
+    import ray
+
+    alive = []
+    for actor in actors:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=30)
+            alive.append(actor)
+        except Exception:  # a dead or hung actor: the pool makes a new one in its place
+            _kill([actor])
+    return alive
+
+
+def _use_kept_actors() -> None:
+    """Put a Ray backend that keeps its idle actors and its Ray connection for the next simulation
+    in place of Flower 1.41's, which ends both after every run (`RayBackend.terminate`). An actor
+    still busy when the run ends (a straggler the server stopped waiting for) is ended, as Flower
+    ends them all."""
+    import flwr
+    import ray
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
+
+    if flwr.__version__ != "1.41.0":  # the pool's internals it reads are 1.41's
+        return
+    flower = getattr(raybackend, "_flower_RayBackend", raybackend.RayBackend)
+    raybackend._flower_RayBackend = flower
+
+    class KeptActorsBackend(flower):
+        def init_ray(self, backend_config) -> None:
+            args = json.dumps(backend_config.get(self.init_args_key) or {}, sort_keys=True)
+            if ray.is_initialized() and _KEPT["init_args"] not in (None, args):
+                release_ray()  # another address, CPU count or log level: a new connection
+            super().init_ray(backend_config)
+            _KEPT["init_args"] = args
+
+        def build(self, app_fn) -> None:
+            resources = json.dumps(self.client_resources, sort_keys=True)
+            kept = _take_kept()
+            if resources != _KEPT["resources"]:  # actors placed for other client resources
+                _kill(kept)
+                kept = []
+            _KEPT["resources"] = resources
+            self.pool = BasicActorPool(actor_type=ClientAppActor, client_resources=self.client_resources,
+                                       actor_kwargs=self.actor_kwargs)
+            kept = _alive(kept)
+            _kill(kept[self.pool.actors_capacity:])  # the cluster shrank since
+            kept = kept[:self.pool.actors_capacity]
+            self.pool.pool.extend(kept)
+            self.pool.num_actors += len(kept)
+            self.pool.add_actors_to_pool(self.pool.actors_capacity - len(kept))
+            self.app_fn = app_fn
+
+        def terminate(self) -> None:
+            if self.pool is not None:
+                _kill(self.pool._future_to_actor.values())
+                with _kept_lock:
+                    _KEPT["actors"] = list(self.pool.pool)
+                    _KEPT["timer"] = threading.Timer(KEEP_ACTORS_S, end_kept_actors)
+                    _KEPT["timer"].daemon = True
+                    _KEPT["timer"].start()
+                self.pool = None
+
+    raybackend.RayBackend = KeptActorsBackend
+
+
 def backend_config(cfg: DictConfig) -> dict:
     import torch
 
@@ -112,6 +228,7 @@ def run_simulation(cfg: DictConfig, run_dir: str | Path) -> None:
 
     setup_logging(cfg.verbose)  # again: importing Flower set its own log level
     _use_scalable_delivery()
+    _use_kept_actors()
 
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                       run_config={"fedlora-config": to_json(cfg), "run-dir": str(Path(run_dir).resolve())})

@@ -1,6 +1,6 @@
 """Test session setup: offline Flower, the shared data root, and one Ray head for the whole session
-(Flower shuts Ray down after each simulation; joining a running head costs a second, a fresh
-ray.init about eight)."""
+(a fresh ray.init costs about eight seconds; the simulations of this process keep their connection
+to it and their idle client actors from one run to the next, fedlora.simulation._KEPT)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,9 @@ def ray_address(cache_dir):
         wait_for_ray(address, head, time.time() + 120)
         yield address
     finally:
+        from fedlora.simulation import release_ray
+
+        release_ray()  # before the head goes: the actors and the connection the runs kept
         head.terminate()
         try:
             head.wait(timeout=60)

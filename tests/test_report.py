@@ -19,6 +19,7 @@ from fedlora.errors import ConfigError, FedloraError
 from fedlora.ledger import Ledger
 from fedlora.records import RunRecorder
 from fedlora.report import Run, Stat, label_keys, label_of, make_report
+from fedlora.simulation import end_kept_actors
 
 BIN = Path(sys.executable).parent
 CONFIGS = ("fedavg", "fedmud_bkd_aad")
@@ -36,6 +37,7 @@ def report(*args):
 @pytest.fixture(scope="module")
 def sweep(ray_address, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
+    end_kept_actors()  # the head's CPUs, which this process's last run left to its next one
     proc = subprocess.run(
         [str(BIN / "fedlora-sim"), "-m", f"method={','.join(CONFIGS)}", f"seed={','.join(map(str, SEEDS))}",
          *SMALL, f"simulation.ray_address={ray_address}", f"hydra.sweep.dir={out}"],

@@ -20,7 +20,7 @@ from fedlora.checkpoint import CHECKPOINT_DIR, INDEX, Checkpoint, read_checkpoin
 from fedlora.config import compose, resolve
 from fedlora.errors import ConfigError
 from fedlora.records import without_times
-from fedlora.simulation import run_simulation
+from fedlora.simulation import end_kept_actors, run_simulation
 
 
 def measured(rows):
@@ -143,6 +143,7 @@ def test_a_run_stopped_after_round_1_and_resumed_writes_what_the_whole_run_wrote
 
 def _sim(args, tmp_path, **kw):
     exe = str(Path(sys.executable).with_name("fedlora-sim"))
+    end_kept_actors()  # the head's CPUs, which this process's last run left to its next one
     return subprocess.Popen([exe, *args], stdout=open(tmp_path / "log.txt", "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True, env=os.environ.copy(), **kw)
 

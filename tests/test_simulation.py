@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, SMALL, built
 from fedlora.config import compose, resolve
-from fedlora.simulation import run_simulation
+from fedlora.simulation import end_kept_actors, run_simulation
 from fedlora.partition import class_histogram
 from fedlora.federated_data import federated_data
 from fedlora.records import without_times
@@ -37,6 +37,7 @@ def without_time(metrics):
 @pytest.fixture(scope="module")
 def cli_run(ray_address, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cli-run")
+    end_kept_actors()  # the head's CPUs, which this process's last run left to its next one
     proc = subprocess.run([CLI, *SMALL, f"simulation.ray_address={ray_address}", f"hydra.run.dir={run_dir}"],
                           capture_output=True, text=True, timeout=600, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -85,6 +86,29 @@ def test_same_seed_same_metrics_and_the_reference_loop_agrees(cli_run, ray_addre
         assert abs(r["test_accuracy"] - ref) <= 0.005
 
 
+def test_runs_one_after_another_share_their_client_actors_then_end_them_when_idle(ray_address, tmp_path,
+                                                                                monkeypatch):
+    """As a sweep's jobs: the next run's clients train in the actors the last run left idle, and its
+    records are the last run's (the same config); actors idle longer than KEEP_ACTORS_S are ended."""
+    import ray
+
+    from fedlora import simulation
+
+    cfg = resolve(compose(SMALL + ["num_rounds=1", f"simulation.ray_address={ray_address}"]))
+    run_simulation(cfg, tmp_path / "a")
+    kept = list(simulation._KEPT["actors"])
+    assert len(kept) == 2  # both of the session head's CPUs, one actor each, idle
+    monkeypatch.setattr(simulation, "KEEP_ACTORS_S", 0.5)
+    run_simulation(cfg, tmp_path / "b")
+    assert {a._actor_id for a in simulation._KEPT["actors"]} == {a._actor_id for a in kept}
+    assert without_time(rows(tmp_path / "a")) == without_time(rows(tmp_path / "b"))
+    time.sleep(2)
+    assert simulation._KEPT["actors"] == []
+    for actor in kept:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.__ray_ready__.remote(), timeout=30)
+
+
 def test_diverging_clients_are_rejected_and_the_model_kept(ray_address, tmp_path):
     cfg = resolve(compose(SMALL + ["num_rounds=1", "local.lr=1e8", f"simulation.ray_address={ray_address}"]))
     run_simulation(cfg, tmp_path)
@@ -103,7 +127,7 @@ def test_a_run_with_30_percent_of_its_clients_failing_completes_every_round(ray_
     """simulation.faults: each round 3 of the 10 sampled clients raise and 1 replies after the round's
     timeout; the other 6 are aggregated, and metrics.jsonl counts each kind."""
     cfg = resolve(compose(SMALL + ["num_clients=10", "clients_per_round=10", "simulation.faults.fail_rate=0.3",
-                                   "simulation.faults.straggle_rate=0.1", "simulation.round_timeout=30",
+                                   "simulation.faults.straggle_rate=0.1", "simulation.round_timeout=15",
                                    f"simulation.ray_address={ray_address}"]))
     run_simulation(cfg, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
