@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["num_clients=4", "clients_per_round=2", "num_rounds=2", "data.train_samples=1200",
-         "data.test_samples=500", "local.batch_size=32"]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import SMALL  # noqa: E402 (the tests' small Fashion-MNIST setup)
 
 
 def one_way(flower: bool, runs: int, overrides: list[str]) -> dict:
@@ -66,8 +66,7 @@ def main() -> None:
                                  capture_output=True, text=True, env=env, cwd=ROOT)
             if out.returncode != 0:
                 sys.exit(f"the {way} process failed:\n{out.stderr[-3000:]}")
-            results.append(json.loads(out.stdout[out.stdout.rindex("\n{") + 1:] if "\n{" in out.stdout
-                                      else out.stdout))
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))  # its one line of JSON
     later = {way: [s for r in results if r["way"] == way for s in r["seconds"][1:]] for way in ("flower", "kept")}
     print(json.dumps({
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

@@ -126,10 +126,11 @@ def _alive(actors: list) -> list:
     """The actors among `actors` that still answer (one that died since is dropped)."""
     import ray
 
+    asked = [(actor, actor.__ray_ready__.remote()) for actor in actors]  # all at once, answered in parallel
     alive = []
-    for actor in actors:
+    for actor, answer in asked:
         try:
-            ray.get(actor.__ray_ready__.remote(), timeout=30)
+            ray.get(answer, timeout=30)
             alive.append(actor)
         except Exception:  # a dead or hung actor: the pool makes a new one in its place
             _kill([actor])
