@@ -7,9 +7,9 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from fedlora import dp
-from fedlora.data import check_dataset, dataset_info
+from fedlora.data import check_dataset, dataset_info, load_test
 from fedlora.errors import DataError
-from fedlora.federated_data import federated_data, test_tensors
+from fedlora.federated_data import federated_data
 from fedlora.methods import make_method
 from fedlora.models import MODELS
 
@@ -31,7 +31,7 @@ def preflight(cfg: DictConfig) -> None:
         from fedlora.causal import check_packing
 
         check_packing(model, cfg.model.hf)
-    if cfg.data.get("on_nodes"):  # the server's test split alone: the nodes bring their training data
-        test_tensors(cfg)
+    if cfg.data.get("on_nodes"):  # the nodes bring their training data: the server's test split alone,
+        load_test(cfg)  # decoded into the disk cache (the server makes its tensors once, as it starts)
     else:
         federated_data(cfg)  # after the model: a text data set is tokenized with the model's tokenizer
