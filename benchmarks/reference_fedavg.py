@@ -2,8 +2,10 @@
 
 No Flower, no Ray, no message records: a copy of the global model per sampled client, SGD over the
 client's rows, a weighted average of the state dicts. It shares with fedlora only what defines the
-experiment (data, partitions, initial model, the seeds of sampling and of the batch order), so a
-difference in the result points at fedlora's federated machinery.
+experiment (data, partitions, initial model, the seeds of sampling and of the batch order, the
+server's evaluation), so a difference in the result points at fedlora's federated machinery. Like
+fedlora on a CPU, it trains a model of images in the channels-last layout (the same arithmetic in
+the same order, so that the two agree exactly on CPU).
 
     python benchmarks/reference_fedavg.py                 # 10 rounds, 20 clients, 5 a round, Dir(0.3)
     python benchmarks/reference_fedavg.py num_rounds=3    # any fedlora-sim override
@@ -49,13 +51,17 @@ def reference_fedavg(cfg) -> list[float]:
         for pid in sampled:
             x, y = client_tensors(cfg, pid)
             model = copy.deepcopy(global_model).train()
+            last = x.dim() == 4  # images: channels last, as fedlora.training trains them on a CPU
+            if last:
+                model.to(memory_format=torch.channels_last)
             opt = torch.optim.SGD(model.parameters(), lr=cfg.local.lr, momentum=cfg.local.momentum,
                                   weight_decay=cfg.local.weight_decay)
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", rnd, pid))
             for _ in range(cfg.local.epochs):
                 for idx in torch.randperm(len(y), generator=g).split(cfg.local.batch_size):
                     opt.zero_grad()
-                    nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                    xb = x[idx].contiguous(memory_format=torch.channels_last) if last else x[idx]
+                    nn.functional.cross_entropy(model(xb), y[idx]).backward()
                     opt.step()
             states.append(model.state_dict())
             sizes.append(len(y))

@@ -133,6 +133,50 @@ print(trained, soon, anon())
     assert idle < trained - 20  # MB handed back
 
 
+@pytest.mark.parametrize("method", ["fedavg", "fedmud_bkd_aad"])
+def test_images_train_channels_last_on_a_cpu_and_the_model_is_handed_back_in_the_default_layout(method, monkeypatch):
+    """fedlora.training trains and evaluates a model of images on a CPU in the channels-last layout
+    (faster: benchmarks/README.md, fix 10): its convolutions give channels-last maps, every weight is
+    back in PyTorch's default layout afterwards, and the result is the default layout's up to
+    floating-point rounding."""
+    import contextlib
+
+    from fedlora import training
+    from fedlora.config import compose, resolve
+    from fedlora.methods import make_method
+
+    cfg = resolve(compose([f"method={method}", "local.epochs=1", "local.batch_size=32"]))
+    m = make_method(cfg)
+    fast, plain = m.initial_model(), m.initial_model()
+    for model in (fast, plain):
+        m.start_round(model, 1)
+        m.set_trainable(model, 1)
+    initial = {k: v.clone() for k, v in plain.state_dict().items()}
+    seen = []
+    last = torch.channels_last
+    for norm in (n for n in fast.modules() if isinstance(n, torch.nn.BatchNorm2d)):  # what each convolution gave
+        norm.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous(memory_format=last)))
+    g = torch.Generator().manual_seed(0)
+    x, y, cpu = torch.randn(96, 1, 28, 28, generator=g), torch.randint(0, 10, (96,), generator=g), torch.device("cpu")
+    fast_loss = training.train_local(fast, x, y, cfg.local, seed=0, device=cpu)
+    trained = len(seen)
+    fast_eval = training.evaluate(fast, x, y, 32, cpu)
+    assert trained > 0 and len(seen) > trained and all(seen)
+    for name, p in fast.state_dict().items():
+        assert p.is_contiguous(), name
+    monkeypatch.setattr(training, "images_channels_last", lambda *_: contextlib.nullcontext(False))
+    plain_eval = training.evaluate(fast, x, y, 32, cpu)  # the same model in the default layout
+    assert fast_eval[1] == pytest.approx(plain_eval[1], rel=1e-5) and abs(fast_eval[0] - plain_eval[0]) <= 1 / 96
+    plain_loss = training.train_local(plain, x, y, cfg.local, seed=0, device=cpu)
+    assert fast_loss == pytest.approx(plain_loss, rel=1e-3)
+    # The two trainings differ by far less than what they changed: rounding (which can move a
+    # max-pooling's pick, and so a few steps' gradients), not a training gone astray.
+    floats = [k for k, v in initial.items() if v.is_floating_point()]
+    apart = sum(float((fast.state_dict()[k] - plain.state_dict()[k]).norm() ** 2) for k in floats) ** 0.5
+    changed = sum(float((plain.state_dict()[k] - initial[k]).norm() ** 2) for k in floats) ** 0.5
+    assert changed > 0 and apart <= 0.2 * changed, (apart, changed)
+
+
 def test_normalised_tensors():
     split = load_split("fmnist", ROOT, "test")
     x, y = to_tensors(split, "fmnist", np.arange(2000))
