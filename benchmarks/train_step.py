@@ -33,7 +33,8 @@ PRESETS = {f"{data}-{m}": [f"dataset={data}", f"method={m}", "local.batch_size=6
 
 
 def stepper(cfg, method, x, y, channels_last: bool, stack: contextlib.ExitStack):
-    """A training step of a fresh model of the run, in the layout asked for; returns its loss."""
+    """A training step (a function that returns its loss) of a fresh model of the run, in the layout
+    asked for."""
     import torch
 
     from fedlora.training import images_channels_last, mean_loss
