@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fedlora.config import to_json
-from fedlora.errors import RunInterrupted
+from fedlora.errors import ConfigError, RunInterrupted
 
 # Offline by default: no telemetry, no update check, no installing of app dependencies at run time.
 # Exported values win.
@@ -198,6 +198,11 @@ def backend_config(cfg: DictConfig) -> dict:
     if num_gpus == "auto":
         # Five clients share a GPU when there is one; none is asked for otherwise.
         num_gpus = 0.2 if torch.cuda.is_available() else 0.0
+    elif num_gpus > 0 and not sim.ray_address and not torch.cuda.is_available():
+        # a local Ray instance would have no GPU to give: Flower's runtime would only say that it crashed
+        raise ConfigError(f"simulation.client_resources.num_gpus={num_gpus} asks a share of a GPU for each client, "
+                          "but PyTorch sees no GPU on this machine: set num_gpus=0 (or auto), or install PyTorch's "
+                          "CUDA build; for GPUs on the workers of a Ray cluster, give simulation.ray_address")
     init_args: dict = {"logging_level": "DEBUG" if cfg.verbose else "ERROR", "log_to_driver": bool(cfg.verbose)}
     # "local" starts a new Ray instance even when a cluster started with `ray start` runs here.
     init_args["address"] = sim.ray_address or "local"

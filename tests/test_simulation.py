@@ -222,3 +222,17 @@ def test_the_simulations_message_delivery_takes_what_flowers_loop_takes_in_its_o
     assert ours == ([(4, 0), (1, 1), (0, 3), (5, 4)], [2, 5])  # the same ones, as pushed
     _use_scalable_delivery()  # what run_simulation puts in place: ours, for the in-memory state
     assert one_pass(vce_api.add_messages_to_queue) == ours
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without a GPU")
+def test_a_share_of_a_gpu_on_a_machine_without_one_is_a_config_error_before_ray_starts(tmp_path):
+    proc = subprocess.run([CLI, *SMALL, "simulation.client_resources.num_gpus=0.5", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "num_gpus=0.5 asks a share of a GPU" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+    # on a Ray cluster the GPUs may be on the workers alone: nothing to check here
+    from fedlora.simulation import backend_config
+
+    cfg = resolve(compose([*SMALL, "simulation.client_resources.num_gpus=0.5", "simulation.ray_address=auto"]))
+    assert backend_config(cfg)["client_resources"]["num_gpus"] == 0.5
