@@ -216,7 +216,7 @@ def main() -> None:
         os.environ.setdefault(key, value)
     from fedlora.records import setup_logging
 
-    setup_logging()
+    setup_logging(stream=sys.stderr)
     commit = subprocess.run(["git", "-C", str(official), "rev-parse", "HEAD"], capture_output=True, text=True)
     version = subprocess.run([args.python, "-c", "import flwr, torch; print(flwr.__version__, torch.__version__)"],
                              capture_output=True, text=True, check=True).stdout.split()

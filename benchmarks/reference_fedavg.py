@@ -82,7 +82,7 @@ def main(argv: list[str]) -> None:
     from fedlora.simulation import run_simulation
 
     cfg = resolve(compose(BENCH_OVERRIDES + argv))
-    setup_logging(cfg.verbose)
+    setup_logging(cfg.verbose, stream=sys.stderr)
     with tempfile.TemporaryDirectory() as run_dir:
         t0 = time.time()
         run_simulation(cfg, run_dir)

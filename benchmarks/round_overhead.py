@@ -127,7 +127,7 @@ def main() -> None:
     from fedlora.preflight import preflight
     from fedlora.records import setup_logging
 
-    setup_logging()
+    setup_logging(stream=sys.stderr)
     out = {"setup": PAPER + [f"num_rounds={args.rounds}"] + args.overrides,
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "methods": {}}
     for name in args.methods.split(","):

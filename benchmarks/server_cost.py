@@ -94,7 +94,7 @@ def main() -> None:
 
     from fedlora.records import setup_logging
 
-    setup_logging()
+    setup_logging(stream=sys.stderr)
     torch.set_num_threads(args.threads)
     counts = [int(c) for c in args.replies.split(",")]
     out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "threads": args.threads,

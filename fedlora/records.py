@@ -175,12 +175,13 @@ class RunRecorder:
         return data
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """fedlora's round lines on stdout; Flower's own INFO logs only when verbose."""
+def setup_logging(verbose: bool = False, stream=None) -> None:
+    """fedlora's round lines on stdout (or `stream`: a benchmark that prints its JSON on stdout sends
+    them to stderr), set where the process first calls this; Flower's own INFO logs only when verbose."""
     import sys
 
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = logging.StreamHandler(stream or sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s fedlora | %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.propagate = False

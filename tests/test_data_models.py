@@ -177,6 +177,28 @@ def test_images_train_channels_last_on_a_cpu_and_the_model_is_handed_back_in_the
     assert changed > 0 and apart <= 0.2 * changed, (apart, changed)
 
 
+
+def test_the_evaluation_is_the_same_at_any_batch_size():
+    """The default eval.batch_size (128, faster than 1000 on CPUs: benchmarks/README.md, fix 11) only
+    splits the evaluation: every example counted once, the last batch short, the same accuracy and,
+    up to the rounding of its sums, the same loss."""
+    from fedlora.config import compose, resolve
+    from fedlora.methods import make_method
+    from fedlora.training import evaluate
+
+    cfg = resolve(compose([]))
+    assert cfg.eval.batch_size == 128
+    model = make_method(cfg).initial_model()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(300, 1, 28, 28, generator=g), torch.randint(0, 10, (300,), generator=g)
+    whole = evaluate(model, x, y, 1000, torch.device("cpu"))
+    per_example = evaluate(model, x, y, 1, torch.device("cpu"))
+    for size in (128, 7):
+        acc, loss = evaluate(model, x, y, size, torch.device("cpu"))
+        assert acc == whole[0] == per_example[0] and loss == pytest.approx(whole[1], rel=1e-5)
+    logits = model.eval()(x)
+    assert whole[0] == int((logits.argmax(1) == y).sum()) / len(y)
+
 def test_normalised_tensors():
     split = load_split("fmnist", ROOT, "test")
     x, y = to_tensors(split, "fmnist", np.arange(2000))
