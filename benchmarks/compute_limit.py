@@ -5,8 +5,8 @@ has) and on all the cores (what a round has): the faster of a large matrix produ
 2048 x 2048) and a large 3x3 convolution in channels last (a batch of 64 of 256 x 14 x 14 to 256
 channels, forward). Rates are of nominal operations, as PyTorch's FlopCounterMode counts them (a
 convolution: 2 x its multiply-adds done directly); a library that computes a 3x3 convolution with
-fewer (Winograd) beats the hardware's own peak in these units, so the limit is measured, not taken
-from a datasheet. The work: the operations of the convolutions and matrix products of a training
+fewer (Winograd) can pass the hardware's own peak in these units, so the limit is measured, not
+taken from a datasheet. The work: the operations of the convolutions and matrix products of a training
 step (forward and backward) and of an evaluation. Batch norm, ReLU, pooling, the optimiser and the
 forming of FedMUD's Kronecker blocks are not counted, so the rates below are lower bounds of the
 work done.

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from fedlora.parametrizations.base import weights_formed_once
 from fedlora.precision import grad_scaler
 
 
@@ -170,7 +171,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     device = device or pick_device()
     model.to(device).eval()
     loss_sum, correct, count = 0.0, 0, 0
-    with images_channels_last(model, x, device) as last:
+    with images_channels_last(model, x, device) as last, weights_formed_once(model):
         for start in range(0, len(y), batch_size):
             xb, yb = _batch(x[start:start + batch_size], device, last), y[start:start + batch_size].to(device)
             batch_loss, batch_correct, n = scores(model, xb, yb)

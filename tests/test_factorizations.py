@@ -162,6 +162,46 @@ def test_fold_and_reset_zero_the_update_and_keep_the_output(kind):
     assert torch.allclose(model(x), before, atol=1e-4)
 
 
+
+def test_an_evaluation_forms_each_weight_once_and_training_at_every_call(monkeypatch):
+    """`evaluate` forms each layer's W + s ΔW once for all its batches (benchmarks/README.md, fix 12),
+    with the outputs of the weight formed at every batch; outside an evaluation, and with gradients,
+    it is formed at every call, so that an evaluation after a change of the factors sees the change."""
+    from fedlora.training import evaluate
+
+    model = build_model("fmnist_cnn", 10, 0)
+    factorize(model, "aad_kronecker", plan_sizes(model, "aad_kronecker", 1 / 16).sizes, 5.0)
+    reset_deltas(model, 1)
+    layers = [layer for _, layer in delta_layers(model)]
+    with torch.no_grad():
+        for layer in layers:
+            for p in layer.delta.parameters():
+                p.normal_(0, 0.05)
+    formed = []
+    full_weight = DeltaLayer.full_weight
+    monkeypatch.setattr(DeltaLayer, "full_weight", lambda self: formed.append(self) or full_weight(self))
+    g = torch.Generator().manual_seed(0)
+    x, y, cpu = torch.randn(40, 1, 28, 28, generator=g), torch.randint(0, 10, (40,), generator=g), torch.device("cpu")
+    once = evaluate(model, x, y, 8, cpu)  # five batches
+    assert formed == layers and all(layer._formed is None for layer in layers)  # nothing kept after
+    with torch.no_grad():  # outside an evaluation: at every call
+        model(x[:8]), model(x[:8])
+    assert len(formed) == 3 * len(layers)
+    monkeypatch.setattr(DeltaLayer, "_formed_weight", lambda self: self.full_weight())  # as before fix 12
+    assert evaluate(model, x, y, 8, cpu) == once
+    monkeypatch.undo()
+    with torch.no_grad():
+        next(layers[0].delta.parameters()).add_(0.1)  # the factors change between evaluations
+    changed = evaluate(model, x, y, 8, cpu)
+    monkeypatch.setattr(DeltaLayer, "_formed_weight", lambda self: self.full_weight())
+    assert changed != once and evaluate(model, x, y, 8, cpu) == changed
+    model.train()
+    from fedlora.parametrizations.base import weights_formed_once
+
+    with weights_formed_once(model):  # with gradients (training) always formed anew
+        monkeypatch.undo()
+        assert model(x[:8]).requires_grad and all(layer._formed is None for layer in layers)
+
 FROZEN = """
 import hashlib, torch
 from fedlora.parametrizations.factorizations import AggregationAwareKronecker, AggregationAwareLowRank
