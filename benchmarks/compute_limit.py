@@ -17,7 +17,7 @@ Dirichlet 0.3, 3 epochs of batch 64, seed 1), FedAvg and the full FedMUD method 
 1. one client's local training through `train_local`, on one thread as a Ray client trains (the
    first client of 500 to 800 examples, from the initial model, `--repeats` times, the median);
 2. the server's evaluation of the test set through `evaluate`, on all the cores, in batches of each
-   of `--eval-batches` examples (the median of `--repeats`);
+   of `--eval-batches` examples (the median of `--repeats`, after two not counted);
 3. `--rounds` rounds of fedlora-sim: each round's counted operations (its clients' examples times
    the epochs times the training operations per example, and the test set's evaluation) over the
    round's seconds, against the limit on all the cores.
@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from layer_cost import timed  # noqa: E402
 from round_overhead import METHODS, PAPER, fedlora_rounds  # noqa: E402
 
 G = 1e9
@@ -52,7 +53,7 @@ G = 1e9
 
 def best_rates(threads: int, repeats: int = 5) -> dict[str, float]:
     """GFLOP/s (nominal) of a large float32 matrix product and of a large 3x3 convolution in
-    channels last on `threads` threads: the median of `repeats` each."""
+    channels last on `threads` threads: the median of `repeats` each, after two not counted."""
     import torch
 
     torch.set_num_threads(threads)
@@ -61,17 +62,8 @@ def best_rates(threads: int, repeats: int = 5) -> dict[str, float]:
     conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
     x = torch.randn(64, 256, 14, 14).contiguous(memory_format=torch.channels_last)
     work = {"matmul": (lambda: a @ b, 2 * n ** 3), "conv3x3": (lambda: conv(x), 2 * 64 * 256 * 14 * 14 * 256 * 9)}
-    out = {}
     with torch.no_grad():
-        for name, (run, flops) in work.items():
-            run()  # warm-up
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - started)
-            out[name] = round(flops / statistics.median(times) / G, 1)
-    return out
+        return {name: round(flops / timed(run, repeats) / G, 1) for name, (run, flops) in work.items()}
 
 
 def counted_flops(model, x, y, train: bool) -> float:
@@ -137,14 +129,9 @@ def measure(method_name: str, rounds: int, repeats: int, eval_batches: list[int]
     torch.set_num_threads(os.cpu_count())
     evaluation = {}
     for size in eval_batches:
-        evaluate(model, xt[:size], yt[:size], size)  # warm-up
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            evaluate(model, xt, yt, size)
-            times.append(time.perf_counter() - started)
-        rate = len(yt) * per_eval / statistics.median(times) / G
-        evaluation[size] = {"seconds": round(statistics.median(times), 3), "gflops": round(rate, 1),
+        seconds = timed(lambda: evaluate(model, xt, yt, size), repeats)
+        rate = len(yt) * per_eval / seconds / G
+        evaluation[size] = {"seconds": round(seconds, 3), "gflops": round(rate, 1),
                             "of_all_cores_limit": round(rate / limit_all, 3)}
 
     rows = fedlora_rounds(cfg)[0] if rounds else []

@@ -177,7 +177,6 @@ def test_images_train_channels_last_on_a_cpu_and_the_model_is_handed_back_in_the
     assert changed > 0 and apart <= 0.2 * changed, (apart, changed)
 
 
-
 def test_the_evaluation_is_the_same_at_any_batch_size():
     """The default eval.batch_size (128, faster than 1000 on CPUs: benchmarks/README.md, fix 11) only
     splits the evaluation: every example counted once, the last batch short, the same accuracy and,
@@ -198,6 +197,7 @@ def test_the_evaluation_is_the_same_at_any_batch_size():
         assert acc == whole[0] == per_example[0] and loss == pytest.approx(whole[1], rel=1e-5)
     logits = model.eval()(x)
     assert whole[0] == int((logits.argmax(1) == y).sum()) / len(y)
+
 
 def test_normalised_tensors():
     split = load_split("fmnist", ROOT, "test")

@@ -162,7 +162,6 @@ def test_fold_and_reset_zero_the_update_and_keep_the_output(kind):
     assert torch.allclose(model(x), before, atol=1e-4)
 
 
-
 def test_an_evaluation_forms_each_weight_once_and_training_at_every_call(monkeypatch):
     """`evaluate` forms each layer's W + s ΔW once for all its batches (benchmarks/README.md, fix 12),
     with the outputs of the weight formed at every batch; outside an evaluation, and with gradients,
@@ -195,12 +194,13 @@ def test_an_evaluation_forms_each_weight_once_and_training_at_every_call(monkeyp
     changed = evaluate(model, x, y, 8, cpu)
     monkeypatch.setattr(DeltaLayer, "_formed_weight", lambda self: self.full_weight())
     assert changed != once and evaluate(model, x, y, 8, cpu) == changed
+    monkeypatch.undo()
     model.train()
     from fedlora.parametrizations.base import weights_formed_once
 
     with weights_formed_once(model):  # with gradients (training) always formed anew
-        monkeypatch.undo()
         assert model(x[:8]).requires_grad and all(layer._formed is None for layer in layers)
+
 
 FROZEN = """
 import hashlib, torch
